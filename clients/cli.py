@@ -1,0 +1,127 @@
+"""The ``corefleet`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from service.errors import CorefleetError
+from service.settings import Settings, SettingsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corefleet", description="Every core, machine and GPU behind one HTTP door.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("up", help="run the whole stack on this machine (Ctrl-C stops it)")
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway")
+    gateway.add_argument("--host", help="address to listen on (COREFLEET_HOST)")
+    gateway.add_argument("--port", type=int, help="port to listen on (COREFLEET_PORT)")
+    io = sub.add_parser("io-worker", help="run an asyncio worker for io jobs")
+    io.add_argument("--queues", help="comma-separated io queues (COREFLEET_IO_QUEUES)")
+    io.add_argument("--concurrency", type=int, help="jobs at once (COREFLEET_IO_CONCURRENCY)")
+
+    submit = sub.add_parser("submit", help="submit a job and print its record")
+    submit.add_argument("task", help="task name, e.g. io.sleep")
+    submit.add_argument("args", nargs="*", help="positional arguments, each as JSON")
+    submit.add_argument("--kwargs", default=None, help="keyword arguments as a JSON object")
+    submit.add_argument("--options", default=None, help="job options as a JSON object")
+    submit.add_argument("--wait", action="store_true", help="wait until the job is finished")
+    submit.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds --wait waits at most (default 300)")
+    get = sub.add_parser("get", help="print a job's record")
+    get.add_argument("id")
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("id")
+    sub.add_parser("tasks", help="list the registered tasks")
+    for cmd in (submit, get, cancel, sub.choices["tasks"]):
+        cmd.add_argument("--url", default=os.environ.get("COREFLEET_URL"),
+                         help="gateway URL (COREFLEET_URL, default http://127.0.0.1:8000)")
+    return parser
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"corefleet: {what} is not valid JSON: {text!r} ({exc.msg})") from None
+
+
+def _print(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    for flag, name in (("host", "COREFLEET_HOST"), ("port", "COREFLEET_PORT"),
+                       ("queues", "COREFLEET_IO_QUEUES"),
+                       ("concurrency", "COREFLEET_IO_CONCURRENCY")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            env[name] = str(value)
+    return Settings.from_env(env)
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from clients.http import DEFAULT_URL, Client
+    from service.jobs import JobState
+
+    with Client(args.url or DEFAULT_URL) as client:
+        if args.command == "tasks":
+            for spec in client.tasks():
+                params = ", ".join(p["name"] for p in spec["parameters"])
+                print(f"{spec['name']:<24} {spec['kind']:<6} {spec['engine']:<8} ({params})")
+            return 0
+        if args.command == "submit":
+            kwargs = _json_arg(args.kwargs, "--kwargs") if args.kwargs else None
+            options = _json_arg(args.options, "--options") if args.options else None
+            positional = [_json_arg(a, f"argument {a!r}") for a in args.args]
+            job = client.submit(args.task, *positional, kwargs=kwargs, options=options)
+            if args.wait:
+                job = client.wait(job.id, timeout_s=args.timeout)
+        elif args.command == "get":
+            job = client.get(args.id)
+        else:
+            job = client.cancel(args.id)
+        _print(job.to_api())
+        return 0 if job.state not in (JobState.FAILED, JobState.DEAD) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("submit", "get", "cancel", "tasks"):
+            return _client_command(args)
+        settings = _settings(args)
+        if args.command == "up":
+            from service.up import run_up
+
+            return run_up(settings)
+        if args.command == "gateway":
+            from service.serve import run_gateway
+
+            run_gateway(settings)
+            return 0
+        if args.command == "io-worker":
+            from service.serve import run_io_worker
+
+            run_io_worker(settings)
+            return 0
+    except SettingsError as exc:
+        print(f"corefleet: {exc}", file=sys.stderr)
+        return 2
+    except CorefleetError as exc:
+        print(f"corefleet: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

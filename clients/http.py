@@ -1,0 +1,192 @@
+"""HTTP clients: ``AsyncClient`` (aiohttp) and ``Client`` (standard library), same methods.
+
+Both build requests and read responses with the same helpers; gateway errors come back as
+the ``service.errors`` class the gateway raised, so callers catch one error tree.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import aiohttp
+
+from service import errors
+from service.jobs import Job, JobState
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# The gateway holds ?wait requests for at most this long by default; longer waits loop.
+_WAIT_STEP_S = 30.0
+
+
+def _submit_body(task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
+                 options: dict[str, Any] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"task": task, "args": list(args)}
+    if kwargs:
+        body["kwargs"] = kwargs
+    if options:
+        body["options"] = options
+    return body
+
+
+def _job(payload: Any) -> Job:
+    if not isinstance(payload, dict) or "id" not in payload:
+        raise errors.TransportError("the gateway answered with something that is not a job")
+    try:
+        return Job.from_api(payload)
+    except (KeyError, ValueError) as exc:
+        raise errors.TransportError(f"the gateway sent a job record without {exc}") from exc
+
+
+def _decode(status: int, raw: bytes) -> Any:
+    try:
+        payload = json.loads(raw) if raw else None
+    except ValueError:
+        payload = None
+    if status >= 400:
+        raise errors.from_json(status, payload)
+    return payload
+
+
+class AsyncClient:
+    """``async with AsyncClient() as client: job = await client.submit("io.sleep", 1)``."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(self, method: str, path: str, body: Any = None,
+                       timeout_s: float | None = None) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout)
+        try:
+            async with self._session.request(method, self.base_url + path, json=body,
+                                             timeout=timeout) as resp:
+                return _decode(resp.status, await resp.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise errors.TransportError(f"{method} {path}: {exc or type(exc).__name__}") from exc
+
+    async def submit(self, task: str, *args: Any, kwargs: dict[str, Any] | None = None,
+                     options: dict[str, Any] | None = None) -> Job:
+        return _job(await self._request("POST", "/v1/jobs",
+                                         _submit_body(task, args, kwargs, options)))
+
+    async def get(self, job_id: str) -> Job:
+        return _job(await self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    async def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
+        """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
+            job = _job(await self._request(
+                "GET", f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
+                timeout_s=step + self._timeout))
+            if job.state.terminal:
+                return job
+            if time.monotonic() >= deadline:
+                raise errors.WaitTimeout(f"job {job_id} is still {job.state.value}",
+                                         {"state": job.state.value})
+
+    async def cancel(self, job_id: str) -> Job:
+        return _job(await self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    async def tasks(self) -> list[dict[str, Any]]:
+        return list((await self._request("GET", "/v1/tasks"))["tasks"])
+
+
+class Client:
+    """The blocking twin of ``AsyncClient`` (standard library only, one kept-alive socket)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0) -> None:
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._parts = parts
+        self._timeout = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = (http.client.HTTPSConnection if self._parts.scheme == "https"
+                   else http.client.HTTPConnection)
+            self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
+        self._conn.timeout = timeout_s
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout_s)
+        return self._conn
+
+    def _request(self, method: str, path: str, body: Any = None,
+                 timeout_s: float | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        prefix = self._parts.path.rstrip("/")
+        for attempt in (1, 2):  # once more on a kept-alive socket the server had closed
+            conn = self._connection(timeout_s or self._timeout)
+            try:
+                conn.request(method, prefix + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return _decode(resp.status, resp.read())
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()
+                if attempt == 2:
+                    raise errors.TransportError(f"{method} {path}: {exc}") from exc
+            except OSError as exc:
+                self.close()
+                raise errors.TransportError(f"{method} {path}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def submit(self, task: str, *args: Any, kwargs: dict[str, Any] | None = None,
+               options: dict[str, Any] | None = None) -> Job:
+        return _job(self._request("POST", "/v1/jobs", _submit_body(task, args, kwargs, options)))
+
+    def get(self, job_id: str) -> Job:
+        return _job(self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
+        """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
+            job = _job(self._request(
+                "GET", f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
+                timeout_s=step + self._timeout))
+            if job.state.terminal:
+                return job
+            if time.monotonic() >= deadline:
+                raise errors.WaitTimeout(f"job {job_id} is still {job.state.value}",
+                                         {"state": job.state.value})
+
+    def cancel(self, job_id: str) -> Job:
+        return _job(self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/tasks")["tasks"])

@@ -1,0 +1,258 @@
+"""The gateway: ``create_app(settings)`` builds the aiohttp application; routes live here.
+
+Resources (Redis, the event hub, engines, the embedded io worker) are opened and closed in
+``cleanup_ctx`` generators; state lives under typed ``web.AppKey``s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from service import ids
+from service.engines.asyncio_ import AsyncioEngine, IoWorker, consumer_name
+from service.engines.base import Engine
+from service.errors import (
+    InvalidBody,
+    InvalidJobId,
+    InvalidJSON,
+    InvalidParameter,
+    JobFinished,
+    JobNotFound,
+)
+from service.events import EventHub
+from service.jobs import Job, JobState
+from service.middleware import json_errors
+from service.openapi import openapi_document
+from service.runner import JobRunner
+from service.settings import Settings
+from service.store import JobStore, connect
+from service.submit import Submitter
+from tasks import Registry
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+REDIS = web.AppKey("redis", aioredis.Redis)
+STORE = web.AppKey("store", JobStore)
+HUB = web.AppKey("hub", EventHub)
+ENGINES = web.AppKey("engines", dict[str, Engine])
+SUBMITTER = web.AppKey("submitter", Submitter)
+IO_WORKER = web.AppKey("io_worker", IoWorker)
+
+MAX_BATCH = 1000
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[json_errors], client_max_size=settings.gateway.max_body_bytes
+    )
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or Registry.load(settings.task_modules)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_engines_ctx)
+    if settings.gateway.embedded_io_worker:
+        app.cleanup_ctx.append(_io_worker_ctx)
+    app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_post("/v1/jobs/batch", submit_batch)
+    app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_delete("/v1/jobs/{id}", cancel_job)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/queues", list_queues)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
+    return app
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = connect(settings.redis)
+    app[REDIS] = redis
+    app[STORE] = JobStore(redis, settings.job_ttl_s)
+    app[HUB] = EventHub(redis)
+    await app[HUB].start()
+    yield
+    await app[HUB].close()
+    await redis.aclose()
+
+
+async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
+    engines: dict[str, Engine] = {"asyncio": AsyncioEngine(app[REDIS], app[SETTINGS].io.queues)}
+    for engine in engines.values():
+        await engine.start()
+    app[ENGINES] = engines
+    app[SUBMITTER] = Submitter(app[STORE], app[REGISTRY], engines)
+    yield
+    for engine in engines.values():
+        await engine.close()
+
+
+async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    name = consumer_name()
+    runner = JobRunner(app[STORE], app[REGISTRY], worker_id=name)
+    worker = IoWorker(app[REDIS], runner, settings.io, name=name)
+    app[IO_WORKER] = worker
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, grace_s=5.0))
+    yield
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()  # aiohttp enforces client_max_size here (413)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+
+
+def _job_id(request: web.Request) -> str:
+    job_id = request.match_info["id"]
+    if not ids.is_valid(job_id):
+        raise InvalidJobId(f"{job_id!r} is not a job id (26 characters of Crockford base32)")
+    return job_id
+
+
+def _job_json(job: Job, status: int = 200) -> web.Response:
+    return web.json_response(job.to_api(), status=status)
+
+
+def _wait_seconds(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    limit = request.app[SETTINGS].gateway.max_wait_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= limit:
+        raise InvalidParameter(f"wait must be a number of seconds from 0 to {limit:g}",
+                               {"parameter": "wait", "value": raw})
+    return value
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    """Submit one job; 202 once it is stored."""
+    job = await request.app[SUBMITTER].submit(await _json_body(request))
+    response = _job_json(job, status=202)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return response
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    """Submit many jobs in one request; all are accepted or none is."""
+    body = await _json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
+        raise InvalidBody('the body must be {"jobs": [job, ...]}')
+    jobs = body["jobs"]
+    if not 1 <= len(jobs) <= MAX_BATCH:
+        raise InvalidBody(f"a batch holds 1 to {MAX_BATCH} jobs, not {len(jobs)}")
+    accepted = await request.app[SUBMITTER].submit_many(jobs)
+    return web.json_response({"jobs": [job.to_api() for job in accepted]}, status=202)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """A job's record; with ``?wait=S``, held until the job is terminal or S pass."""
+    job_id = _job_id(request)
+    wait = _wait_seconds(request)
+    store = request.app[STORE]
+    if wait <= 0:
+        job = await store.get(job_id)
+    else:
+        job = await _wait_terminal(request.app, job_id, wait)
+    if job is None:
+        raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
+    return _job_json(job)
+
+
+async def _wait_terminal(app: web.Application, job_id: str, wait: float) -> Job | None:
+    deadline = time.monotonic() + wait
+    with app[HUB].watch(job_id) as changed:  # watch first, then read: no change is missed
+        while True:
+            changed.clear()
+            job = await app[STORE].get(job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.state.terminal or remaining <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a job: a queued one never starts, a running one is interrupted."""
+    job_id = _job_id(request)
+    store = request.app[STORE]
+    moved, previous = await store.cancel(job_id)
+    if previous is None:
+        raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
+    job = await store.get(job_id)
+    if job is None:
+        raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
+    if not moved and previous is not JobState.CANCELLED:
+        raise JobFinished(f"job {job_id} already {previous.value}; it cannot be cancelled",
+                          {"state": previous.value})
+    if moved and previous is JobState.RUNNING:
+        engine = request.app[ENGINES].get(job.engine)
+        if engine is not None:
+            await engine.cancel(job)
+    return _job_json(job)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """Every registered task with its kind, engine, queue and parameters."""
+    return web.json_response({"tasks": [spec.describe() for spec in request.app[REGISTRY]]})
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    """Each engine's state, and depth, running jobs and workers per queue."""
+    engines = {name: await engine.status() for name, engine in request.app[ENGINES].items()}
+    return web.json_response({"engines": engines})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up (liveness)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Redis and every started engine answer (readiness)."""
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"unreachable: {type(exc).__name__}"
+    for name, engine in request.app[ENGINES].items():
+        try:
+            status = await asyncio.wait_for(engine.status(), 2.0)
+            checks[name] = "ok" if status.get("state") != "unreachable" else "unreachable"
+        except Exception as exc:
+            checks[name] = f"unreachable: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    return web.json_response({"status": "ok" if ready else "unavailable", "checks": checks},
+                             status=200 if ready else 503)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """This API's OpenAPI 3.1 document."""
+    return web.json_response(openapi_document())

@@ -1,0 +1,1 @@
+"""One module per engine. Importing this package imports no engine library."""

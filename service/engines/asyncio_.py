@@ -1,0 +1,246 @@
+"""The asyncio engine: io jobs travel on Redis Streams and run on one event loop each.
+
+A job's id is added to ``cf:stream:{queue}`` in the MULTI that stores the job. io workers
+read with a consumer group, run up to ``concurrency`` jobs at once, and acknowledge an
+entry only after the runner has stored the outcome. An entry whose consumer went silent
+for ``lease_s`` is claimed by another worker and run again; live workers renew their lease
+on the entries they hold, so a long job is never taken from a healthy worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from service import keys
+from service.events import listen
+from service.jobs import Job
+from service.runner import JobRunner
+from service.settings import IoWorkerSettings
+
+log = logging.getLogger("corefleet.io")
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class AsyncioEngine:
+    """The gateway's side: queue io jobs; report the streams' depth and consumers."""
+
+    name = "asyncio"
+
+    def __init__(self, redis: aioredis.Redis, queues: tuple[str, ...]) -> None:
+        self.redis = redis
+        self.queues = queues
+
+    async def start(self) -> None:
+        for queue in self.queues:
+            await ensure_group(self.redis, queue)
+
+    def submit(self, pipe: Pipeline, job: Job) -> None:
+        pipe.xadd(keys.stream(job.queue), {"id": job.id})
+
+    async def cancel(self, job: Job) -> None:
+        # Nothing to do here: the cancel transition publishes on keys.CANCEL, and the worker
+        # holding the job cancels its asyncio task.
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        queues: dict[str, Any] = {}
+        for queue in self.queues:
+            queues[queue] = await stream_status(self.redis, queue)
+        return {"engine": self.name, "state": "local", "queues": queues}
+
+    async def close(self) -> None:
+        return None
+
+
+async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
+    try:
+        await redis.xgroup_create(keys.stream(queue), keys.IO_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
+    stream = keys.stream(queue)
+    waiting = running = workers = 0
+    with contextlib.suppress(ResponseError):
+        for group in await redis.xinfo_groups(stream):
+            if group["name"] == keys.IO_GROUP:
+                running = int(group["pending"])
+                waiting = int(group.get("lag") or 0)
+                consumers = await redis.xinfo_consumers(stream, keys.IO_GROUP)
+                workers = sum(1 for c in consumers if int(c.get("inactive", c["idle"])) < 60_000)
+    return {"waiting": waiting, "running": running, "workers": workers}
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+class IoWorker:
+    """Reads io jobs from Redis Streams and runs them concurrently on this event loop."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        runner: JobRunner,
+        settings: IoWorkerSettings,
+        name: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.runner = runner
+        self.settings = settings
+        self.name = name or consumer_name()
+        # job id -> (asyncio task, stream, entry id) for every job this worker holds
+        self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
+        self._cancelled: set[str] = set()
+        self._slot_freed = asyncio.Event()
+        runner.is_cancelled = self._cancelled.__contains__
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
+        """Consume until ``stop`` is set, then let running jobs finish for ``grace_s``."""
+        for queue in self.settings.queues:
+            await ensure_group(self.redis, queue)
+        helpers = [
+            asyncio.create_task(listen(self.redis, keys.CANCEL, self._on_cancel)),
+            asyncio.create_task(self._keep_leases()),
+        ]
+        reader = asyncio.create_task(self._read())
+        try:
+            await stop.wait()
+        finally:
+            reader.cancel()
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(reader, *helpers, return_exceptions=True)
+            await self._drain(grace_s)
+
+    async def _read(self) -> None:
+        streams = {keys.stream(q): ">" for q in self.settings.queues}
+        while True:
+            free = self.settings.concurrency - len(self._held)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                reply = await self.redis.xreadgroup(
+                    keys.IO_GROUP, self.name, streams, count=min(free, 512), block=1000
+                )
+            except _REDIS_DOWN as exc:
+                log.warning("io worker cannot read (%s); retrying", exc)
+                await asyncio.sleep(0.5)  # back off while Redis is unreachable
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                for queue in self.settings.queues:  # Redis lost its data: recreate the groups
+                    await ensure_group(self.redis, queue)
+                continue
+            for stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._start(stream, entry_id, fields)
+
+    def _start(self, stream: str, entry_id: str, fields: dict[str, str] | None) -> None:
+        job_id = (fields or {}).get("id")
+        if not job_id or job_id in self._held:
+            # A deleted entry, or one this worker already runs (claimed back from itself).
+            if not job_id:
+                asyncio.create_task(self._ack(stream, entry_id))
+            return
+        task = asyncio.create_task(self._run_one(stream, entry_id, job_id))
+        self._held[job_id] = (task, stream, entry_id)
+
+    async def _run_one(self, stream: str, entry_id: str, job_id: str) -> None:
+        done = False
+        try:
+            await self.runner.run(job_id)
+            done = True
+        except asyncio.CancelledError:
+            # A user's cancel is final (the record says cancelled); a shutdown is not, and
+            # the unacknowledged entry goes to another worker after the lease.
+            done = job_id in self._cancelled
+            if not done:
+                raise
+        except Exception:
+            log.exception("runner failed on job %s; it will be delivered again", job_id)
+        finally:
+            self._held.pop(job_id, None)
+            self._cancelled.discard(job_id)
+            self._slot_freed.set()
+            if done:
+                await self._ack(stream, entry_id)
+
+    async def _ack(self, stream: str, entry_id: str) -> None:
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(stream, keys.IO_GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            await pipe.execute()
+        except _REDIS_DOWN as exc:
+            # The entry stays pending; whoever claims it finds the job finished and acks.
+            log.warning("could not acknowledge %s (%s)", entry_id, exc)
+
+    def _on_cancel(self, job_id: str) -> None:
+        held = self._held.get(job_id)
+        if held is not None:
+            self._cancelled.add(job_id)
+            held[0].cancel()
+
+    async def _keep_leases(self) -> None:
+        period = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(period)  # the lease period is the point of this loop
+            try:
+                await self._renew()
+                await self._reclaim()
+            except _REDIS_DOWN as exc:
+                log.warning("cannot renew or reclaim leases (%s)", exc)
+
+    async def _renew(self) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for _task, stream, entry_id in self._held.values():
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(stream, keys.IO_GROUP, self.name, 0, ids, justid=True)
+
+    async def _reclaim(self) -> None:
+        min_idle = int(self.settings.lease_s * 1000)
+        for queue in self.settings.queues:
+            free = self.settings.concurrency - len(self._held)
+            if free <= 0:
+                return
+            stream = keys.stream(queue)
+            reply = await self.redis.xautoclaim(
+                stream, keys.IO_GROUP, self.name, min_idle, "0-0", count=min(free, 512)
+            )
+            for entry_id, fields in reply[1]:
+                log.info("reclaimed %s from a silent consumer", entry_id)
+                self._start(stream, entry_id, fields)
+            for entry_id in reply[2] if len(reply) > 2 else ():
+                await self._ack(stream, entry_id)
+
+    async def _drain(self, grace_s: float) -> None:
+        tasks = [held[0] for held in self._held.values()]
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)

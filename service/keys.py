@@ -1,0 +1,20 @@
+"""Every Redis key and channel corefleet uses, in one place."""
+
+PREFIX = "cf:"
+
+#: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``.
+EVENTS = PREFIX + "events"
+#: Pub/sub channel that carries the id of each running job that was cancelled.
+CANCEL = PREFIX + "cancel"
+#: Consumer group that io workers read job streams with.
+IO_GROUP = "corefleet-io"
+
+
+def job(job_id: str) -> str:
+    """The hash that holds one job's record."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def stream(queue: str) -> str:
+    """The Redis Stream that carries the ids of jobs waiting on an asyncio queue."""
+    return f"{PREFIX}stream:{queue}"

@@ -1,0 +1,30 @@
+-- Start one attempt of a job: count it and mark the job running, atomically.
+-- KEYS[1]  the job hash
+-- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
+-- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
+-- ARGV[6]  error JSON written when the job has no attempt left
+-- Returns {"missing"}, {"skip", state} for a job that must not run (finished or
+-- cancelled), {"dead"} when a redelivered job is out of attempts, or
+-- {"run", field, value, ...} with the whole record after the update.
+local current = redis.call('HGET', KEYS[1], 'state')
+if not current then
+  return {'missing'}
+end
+if current ~= 'queued' and current ~= 'retrying' and current ~= 'running' then
+  return {'skip', current}
+end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local max_attempts = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or '1')
+if attempts > max_attempts then
+  -- Only a redelivery gets here: every attempt so far was lost with its worker.
+  redis.call('HSET', KEYS[1], 'state', 'dead', 'attempts', max_attempts,
+             'error', ARGV[6], 'finished_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'dead', from = current}))
+  return {'dead'}
+end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
+redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'running', from = current}))
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 'run')
+return out

@@ -1,0 +1,143 @@
+"""The OpenAPI 3.1 document of the gateway; a test walks the router to keep it true."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.jobs import JobState
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    words = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body too large",
+             503: "Engine unavailable"}
+    return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
+
+
+_JOB_ID = {"name": "id", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"}}
+
+_SUBMIT = {
+    "type": "object",
+    "required": ["task"],
+    "additionalProperties": False,
+    "properties": {
+        "task": {"type": "string", "examples": ["io.sleep"]},
+        "args": {"type": "array", "items": {}},
+        "kwargs": {"type": "object"},
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
+                "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+            },
+        },
+    },
+}
+
+_JOB = {
+    "type": "object",
+    "required": ["id", "task", "kind", "engine", "queue", "state", "attempts", "created_at"],
+    "properties": {
+        "id": {"type": "string"},
+        "task": {"type": "string"},
+        "kind": {"type": "string", "enum": ["io", "cpu", "heavy", "gpu"]},
+        "engine": {"type": "string", "enum": ["asyncio", "celery", "ray", "dask"]},
+        "queue": {"type": "string"},
+        "args": {"type": "array"},
+        "kwargs": {"type": "object"},
+        "options": {"type": "object"},
+        "state": {"type": "string", "enum": [s.value for s in JobState]},
+        "attempts": {"type": "integer"},
+        "max_attempts": {"type": "integer"},
+        "result": {},
+        "error": {
+            "type": ["object", "null"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "links": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "detail": {"type": "object"},
+            },
+        }
+    },
+}
+
+_OBJECT = {"type": "object"}
+
+
+def openapi_document() -> dict[str, Any]:
+    body = {"required": True, "content": {"application/json": {"schema": _ref("SubmitJob")}}}
+    batch_schema = {"type": "object", "required": ["jobs"],
+                    "properties": {"jobs": {"type": "array", "items": _ref("SubmitJob"),
+                                            "minItems": 1, "maxItems": 1000}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "corefleet gateway", "version": "1"},
+        "paths": {
+            "/v1/jobs": {"post": {
+                "summary": "Submit one job",
+                "requestBody": body,
+                "responses": {"202": _json(_ref("Job"), "Stored and queued"),
+                              **_errors(400, 404, 413, 503)},
+            }},
+            "/v1/jobs/batch": {"post": {
+                "summary": "Submit many jobs at once (all or none)",
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": batch_schema}}},
+                "responses": {"202": _json({"type": "object", "properties": {
+                    "jobs": {"type": "array", "items": _ref("Job")}}}, "Stored and queued"),
+                    **_errors(400, 404, 413, 503)},
+            }},
+            "/v1/jobs/{id}": {
+                "get": {
+                    "summary": "A job's record, optionally waiting until it is terminal",
+                    "parameters": [_JOB_ID, {"name": "wait", "in": "query", "required": False,
+                                             "schema": {"type": "number", "minimum": 0}}],
+                    "responses": {"200": _json(_ref("Job"), "The record"), **_errors(400, 404)},
+                },
+                "delete": {
+                    "summary": "Cancel a job",
+                    "parameters": [_JOB_ID],
+                    "responses": {"200": _json(_ref("Job"), "Cancelled"),
+                                  **_errors(400, 404, 409)},
+                },
+            },
+            "/v1/tasks": {"get": {"summary": "The task registry",
+                                  "responses": {"200": _json(_OBJECT, "Every task")}}},
+            "/v1/queues": {"get": {"summary": "Engines, queues and workers",
+                                   "responses": {"200": _json(_OBJECT, "Per engine")}}},
+            "/healthz": {"get": {"summary": "Liveness",
+                                 "responses": {"200": _json(_OBJECT, "Up")}}},
+            "/readyz": {"get": {"summary": "Readiness: Redis and engines answer",
+                                "responses": {"200": _json(_OBJECT, "Ready"),
+                                              "503": _json(_OBJECT, "Not ready")}}},
+            "/openapi.json": {"get": {"summary": "This document",
+                                      "responses": {"200": _json(_OBJECT, "OpenAPI 3.1")}}},
+        },
+        "components": {"schemas": {"SubmitJob": _SUBMIT, "Job": _JOB, "Error": _ERROR}},
+    }

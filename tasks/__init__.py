@@ -1,0 +1,231 @@
+"""The task registry: ``@task`` marks a function, a ``Registry`` collects marked functions.
+
+``@task`` only attaches a ``TaskSpec`` to the function; nothing is registered globally.
+Each process builds its own ``Registry`` from the built-in modules and the modules named
+in ``COREFLEET_TASK_MODULES``, so the gateway and every worker agree on the same list and
+tests never have to reset shared state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tasks.context import TaskContext
+
+__all__ = ["BUILTIN_MODULES", "Registry", "TaskContext", "TaskSpec", "task"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Modules of built-in tasks; each imports its heavy libraries only inside the tasks.
+BUILTIN_MODULES = ("tasks.io",)
+
+KINDS = ("io", "cpu", "heavy", "gpu")
+DEFAULT_ENGINE = {"io": "asyncio", "cpu": "celery", "heavy": "ray", "gpu": "celery"}
+ENGINES = ("asyncio", "celery", "ray", "dask")
+
+_MARK = "__corefleet_task__"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    fn: Callable[..., Any]
+    kind: str
+    engine: str
+    queue: str
+    timeout_s: float | None
+    max_retries: int
+    #: Engine resources (Ray: num_cpus, num_gpus, memory).
+    resources: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def takes_ctx(self) -> bool:
+        return "ctx" in inspect.signature(self.fn).parameters
+
+    @property
+    def max_attempts(self) -> int:
+        return self.max_retries + 1
+
+    def signature(self) -> inspect.Signature:
+        """The signature callers fill in: the function's, without ``ctx``."""
+        try:
+            sig = inspect.signature(self.fn, eval_str=True)
+        except NameError:  # an annotation that does not resolve: show it as written
+            sig = inspect.signature(self.fn)
+        return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "ctx"])
+
+    def describe(self) -> dict[str, Any]:
+        params = []
+        hints = _hints(self.fn)
+        for param in self.signature().parameters.values():
+            item: dict[str, Any] = {"name": param.name, "kind": param.kind.name.lower()}
+            if param.name in hints:
+                item["type"] = _type_name(hints[param.name])
+            if param.default is not inspect.Parameter.empty:
+                item["default"] = param.default
+            params.append(item)
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "engine": self.engine,
+            "queue": self.queue,
+            "timeout_s": self.timeout_s,
+            "max_retries": self.max_retries,
+            "resources": self.resources,
+            "parameters": params,
+            "doc": inspect.getdoc(self.fn) or "",
+        }
+
+
+def task(
+    name: str | None = None,
+    *,
+    kind: str = "cpu",
+    engine: str | None = None,
+    queue: str | None = None,
+    timeout_s: float | None = None,
+    max_retries: int = 2,
+    resources: dict[str, float] | None = None,
+) -> Callable[[F], F]:
+    """Mark a function as a corefleet task.
+
+    ``max_retries`` bounds how often a job is run again after its worker was lost (a job
+    gets ``max_retries + 1`` attempts); once they are spent the job is ``dead``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    chosen_engine = engine or DEFAULT_ENGINE[kind]
+    if chosen_engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {chosen_engine!r}")
+    if max_retries < 0:
+        raise ValueError("max_retries must be 0 or more")
+
+    def mark(fn: F) -> F:
+        spec = TaskSpec(
+            name=name or f"{fn.__module__}.{fn.__qualname__}",
+            fn=fn,
+            kind=kind,
+            engine=chosen_engine,
+            queue=queue or kind,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            resources=dict(resources or {}),
+        )
+        setattr(fn, _MARK, spec)
+        return fn
+
+    return mark
+
+
+class Registry:
+    """The tasks one process knows, by name."""
+
+    def __init__(self, specs: Iterable[TaskSpec] = ()) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    @classmethod
+    def load(cls, extra_modules: Iterable[str] = ()) -> Registry:
+        """The built-in tasks plus every ``@task`` in ``extra_modules``."""
+        registry = cls()
+        for module_name in (*BUILTIN_MODULES, *extra_modules):
+            registry.add_module(importlib.import_module(module_name))
+        return registry
+
+    def add_module(self, module: types.ModuleType) -> None:
+        for value in vars(module).values():
+            spec = getattr(value, _MARK, None)
+            if isinstance(spec, TaskSpec) and spec.fn.__module__ == module.__name__:
+                self.add(spec)
+
+    def add(self, spec: TaskSpec) -> None:
+        existing = self._specs.get(spec.name)
+        if existing is not None and existing.fn is not spec.fn:
+            raise ValueError(f"two tasks are named {spec.name!r}")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> TaskSpec | None:
+        return self._specs.get(name)
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        return iter(sorted(self._specs.values(), key=lambda s: s.name))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+# --- argument checking -------------------------------------------------------------------
+
+_SIMPLE: dict[type, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+    bool: (bool,),
+    list: (list,),
+    dict: (dict,),
+}
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve is simply not checked
+        return {}
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits ``hint``; None when the hint is not one we check."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_matches(value, arg) for arg in typing.get_args(hint)]
+        if any(v is None for v in verdicts):
+            return None
+        return any(verdicts)
+    if hint is type(None) or hint is None:
+        return value is None
+    base = origin if origin in (list, dict) else hint
+    if base not in _SIMPLE:
+        return None
+    if isinstance(value, bool) and base is not bool:
+        return False  # JSON true is not a number
+    return isinstance(value, _SIMPLE[base])
+
+
+def bind_arguments(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> str | None:
+    """Check a call against the task's signature; the problem in words, or None if fine."""
+    try:
+        bound = spec.signature().bind(*args, **kwargs)
+    except TypeError as exc:
+        return f"{spec.name}: {exc}"
+    hints = _hints(spec.fn)
+    params = spec.signature().parameters
+    for name, value in bound.arguments.items():
+        hint = hints.get(name)
+        if hint is None:
+            continue
+        kind = params[name].kind
+        values = (
+            value if kind is inspect.Parameter.VAR_POSITIONAL
+            else value.values() if kind is inspect.Parameter.VAR_KEYWORD
+            else [value]
+        )
+        for item in values:
+            if _matches(item, hint) is False:
+                return (f"{spec.name}: argument {name!r} must be {_type_name(hint)}, "
+                        f"not {type(item).__name__}")
+    return None
