@@ -51,7 +51,8 @@ MAX_BATCH = 1000
 
 def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[json_errors], client_max_size=settings.gateway.max_body_bytes
+        middlewares=[json_errors(settings.gateway.max_body_bytes)],
+        client_max_size=settings.gateway.max_body_bytes
     )
     app[SETTINGS] = settings
     app[REGISTRY] = registry or Registry.load(settings.task_modules)

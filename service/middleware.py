@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -18,16 +19,27 @@ def error_response(error: CorefleetError) -> web.Response:
     return web.json_response(error.to_json(), status=error.status)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+def json_errors(max_body_bytes: int) -> Any:
+    """The middleware; ``max_body_bytes`` is quoted in 413 answers."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await _guarded(request, handler, max_body_bytes)
+
+    return middleware
+
+
+async def _guarded(request: web.Request, handler: Handler, max_body_bytes: int
+                   ) -> web.StreamResponse:
     try:
         return await handler(request)
     except CorefleetError as exc:
         return error_response(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
+        limit = max_body_bytes
         return error_response(PayloadTooLarge(
-            f"the body is larger than the {exc.max_size} bytes this gateway accepts",
-            {"max_bytes": exc.max_size}))
+            f"the body is larger than the {limit} bytes this gateway accepts",
+            {"max_bytes": limit}))
     except web.HTTPMethodNotAllowed as exc:
         return error_response(MethodNotAllowed(
             f"{request.method} is not allowed on {request.path}",

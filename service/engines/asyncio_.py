@@ -121,9 +121,13 @@ class IoWorker:
             asyncio.create_task(listen(self.redis, keys.CANCEL, self._on_cancel)),
             asyncio.create_task(self._keep_leases()),
         ]
-        reader = asyncio.create_task(self._read())
+        reader = asyncio.create_task(self._read(stop))
         try:
             await stop.wait()
+            # The reader notices ``stop`` within one blocking read; a cancel alone is not
+            # enough, as a cancel can be lost inside redis-py's blocking read.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), 3)
         finally:
             reader.cancel()
             for helper in helpers:
@@ -131,17 +135,18 @@ class IoWorker:
             await asyncio.gather(reader, *helpers, return_exceptions=True)
             await self._drain(grace_s)
 
-    async def _read(self) -> None:
+    async def _read(self, stop: asyncio.Event) -> None:
         streams = {keys.stream(q): ">" for q in self.settings.queues}
-        while True:
+        while not stop.is_set():
             free = self.settings.concurrency - len(self._held)
             if free <= 0:
                 self._slot_freed.clear()
-                await self._slot_freed.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), 1.0)
                 continue
             try:
                 reply = await self.redis.xreadgroup(
-                    keys.IO_GROUP, self.name, streams, count=min(free, 512), block=1000
+                    keys.IO_GROUP, self.name, streams, count=min(free, 512), block=250
                 )
             except _REDIS_DOWN as exc:
                 log.warning("io worker cannot read (%s); retrying", exc)

@@ -1,0 +1,114 @@
+"""Fixtures: a real Redis on a free port for the session, a real gateway per test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
+
+from service.app import create_app
+from service.settings import IoWorkerSettings, Settings
+from tests.procs import RedisServer
+
+TEST_TASKS = "tests.fleet_tasks"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    # Test tasks reach Redis through this variable, in this process and in children.
+    os.environ["COREFLEET_REDIS_URL"] = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer) -> Settings:
+    return Settings(
+        redis_url=redis_server.url,
+        task_modules=(TEST_TASKS,),
+        io=IoWorkerSettings(lease_s=1.0),
+    )
+
+
+class Gateway:
+    """A real gateway on a free port and an HTTP session pointed at it."""
+
+    def __init__(self, server: TestServer, session: ClientSession) -> None:
+        self.server = server
+        self.session = session
+        self.url = str(server.make_url("")).rstrip("/")
+
+    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.request(method, self.url + path, **kw) as resp:
+            return resp.status, json.loads(await resp.read())
+
+    async def submit(self, task: str, *args: Any, **options: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {"task": task, "args": list(args)}
+        if options:
+            body["options"] = options
+        status, job = await self.call("POST", "/v1/jobs", json=body)
+        assert status == 202, job
+        return dict(job)
+
+    async def wait(self, job_id: str, seconds: float = 30) -> dict[str, Any]:
+        status, job = await self.call("GET", f"/v1/jobs/{job_id}?wait={seconds}")
+        assert status == 200, job
+        return dict(job)
+
+
+async def start_gateway(settings: Settings) -> tuple[TestServer, ClientSession]:
+    server = TestServer(create_app(settings), host="127.0.0.1")
+    await server.start_server()
+    return server, ClientSession()
+
+
+@pytest.fixture
+async def gateway(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[Gateway]:
+    server, session = await start_gateway(settings)
+    yield Gateway(server, session)
+    await session.close()
+    await server.close()
+
+
+@pytest.fixture
+async def bare_gateway(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[Gateway]:
+    """A gateway without its embedded io worker: io jobs stay queued."""
+    no_worker = replace(settings, gateway=replace(settings.gateway, embedded_io_worker=False))
+    server, session = await start_gateway(no_worker)
+    yield Gateway(server, session)
+    await session.close()
+    await server.close()
+
+
+async def wait_state(redis: aioredis.Redis, job_id: str, *states: str,
+                     timeout: float = 30) -> str:
+    """Wait, on pub/sub events, until the job is in one of ``states``; return that state."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe("cf:events")
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                state = await redis.hget(f"cf:job:{job_id}", "state")
+                if state in states:
+                    return str(state)
+                await pubsub.get_message(timeout=timeout)
+    finally:
+        await pubsub.aclose()

@@ -1,0 +1,181 @@
+"""The gateway's HTTP API against a real Redis and the embedded io worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import Gateway, wait_state
+
+
+async def test_io_sleep_returns_its_seconds(gateway: Gateway) -> None:
+    """io.sleep runs on the io worker and its result is the seconds slept."""
+    job = await gateway.submit("io.sleep", 0.05)
+    assert job["state"] == "queued" and job["engine"] == "asyncio" and job["queue"] == "io"
+    assert job["links"]["self"] == f"/v1/jobs/{job['id']}"
+    done = await gateway.wait(job["id"])
+    assert done["state"] == "succeeded" and done["result"] == 0.05 and done["attempts"] == 1
+    assert done["started_at"] and done["finished_at"] and done["error"] is None
+
+
+async def test_io_echo_returns_its_value(gateway: Gateway) -> None:
+    """io.echo returns any JSON value unchanged."""
+    value = {"a": [1, 2.5, "x", None, True], "b": {"c": "d"}}
+    job = await gateway.submit("io.echo", value)
+    assert (await gateway.wait(job["id"]))["result"] == value
+
+
+@pytest.fixture
+async def web_server() -> AsyncIterator[str]:
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 12345, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/page", page)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("/page"))
+    await server.close()
+
+
+async def test_io_http_get_reports_status_headers_and_length(
+    gateway: Gateway, web_server: str
+) -> None:
+    """io.http_get fetches a local page and reports its status, headers and body length."""
+    job = await gateway.submit("io.http_get", web_server, 5)
+    done = await gateway.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    result = done["result"]
+    assert result["status"] == 200 and result["body_length"] == 12345
+    assert result["headers"]["content-type"].startswith("text/plain")
+    assert result["elapsed_s"] >= 0
+
+
+async def test_a_raising_task_fails_with_its_own_error(gateway: Gateway) -> None:
+    """A task's exception becomes error {type, message}; no traceback reaches the client."""
+    done = await gateway.wait((await gateway.submit("test.boom", "kaput"))["id"])
+    assert done["state"] == "failed"
+    assert done["error"] == {"type": "ValueError", "message": "kaput"}
+
+
+async def test_a_task_past_its_time_limit_fails(gateway: Gateway) -> None:
+    """A task that outlives its timeout_s fails with TimeLimitExceeded."""
+    done = await gateway.wait((await gateway.submit("test.slow"))["id"])
+    assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded"
+
+
+async def test_a_per_job_timeout_overrides_the_task(gateway: Gateway) -> None:
+    """options.timeout_s limits a job below its task's default."""
+    job = await gateway.submit("io.sleep", 5, timeout_s=0.1)
+    done = await gateway.wait(job["id"])
+    assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded"
+
+
+async def test_an_unserialisable_result_fails_clearly(gateway: Gateway) -> None:
+    """A result JSON cannot carry fails the job instead of storing something else."""
+    done = await gateway.wait((await gateway.submit("test.unserialisable"))["id"])
+    assert done["state"] == "failed" and "JSON" in done["error"]["message"]
+
+
+async def test_wait_returns_when_the_job_finishes(gateway: Gateway) -> None:
+    """?wait holds the request until the job is terminal, not until the wait runs out."""
+    job = await gateway.submit("io.sleep", 0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    done = await gateway.wait(job["id"], seconds=20)
+    assert done["state"] == "succeeded"
+    assert loop.time() - started < 10
+
+
+async def test_wait_returns_the_current_record_when_time_runs_out(bare_gateway: Gateway) -> None:
+    """?wait on a job that stays queued answers with the queued record after the wait."""
+    job = await bare_gateway.submit("io.sleep", 0)
+    status, body = await bare_gateway.call("GET", f"/v1/jobs/{job['id']}?wait=0.2")
+    assert status == 200 and body["state"] == "queued"
+
+
+async def test_cancel_a_queued_job_means_it_never_runs(
+    bare_gateway: Gateway, settings: Any, redis: aioredis.Redis
+) -> None:
+    """A cancelled queued job ends cancelled and a worker that later reads it skips it."""
+    job = await bare_gateway.submit("test.hold", 0)
+    status, body = await bare_gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and body["state"] == "cancelled" and body["finished_at"]
+    # Now a worker consumes the queue; the cancelled job must not start.
+    from tests.conftest import start_gateway
+
+    server, session = await start_gateway(settings)
+    try:
+        marker = await bare_gateway.submit("io.echo", "after")
+        gw = Gateway(server, session)
+        assert (await gw.wait(marker["id"]))["state"] == "succeeded"
+        assert await redis.llen(f"test:started:{job['id']}") == 0
+        record = await redis.hgetall(f"cf:job:{job['id']}")
+        assert record["state"] == "cancelled" and record["attempts"] == "0"
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_cancel_a_running_job_interrupts_it(gateway: Gateway, redis: aioredis.Redis) -> None:
+    """Cancelling a running io job cancels its asyncio task; it ends cancelled."""
+    job = await gateway.submit("test.hold", 30)
+    await wait_state(redis, job["id"], "running")
+    status, body = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and body["state"] == "cancelled"
+    # The worker lets go of it: its stream entry is acknowledged, nothing is pending.
+    async with asyncio.timeout(10):
+        while (await redis.xpending("cf:stream:io", "corefleet-io"))["pending"]:
+            await wait_state(redis, job["id"], "cancelled")
+            await asyncio.sleep(0.05)  # sleep-ok: the ack follows the state change
+    assert (await gateway.wait(job["id"]))["state"] == "cancelled"
+
+
+async def test_cancel_of_a_finished_job_is_a_conflict(gateway: Gateway) -> None:
+    """DELETE on a succeeded job answers 409 job_finished and changes nothing."""
+    job = await gateway.submit("io.echo", 1)
+    await gateway.wait(job["id"])
+    status, body = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 409 and body["error"]["code"] == "job_finished"
+    assert (await gateway.wait(job["id"]))["state"] == "succeeded"
+
+
+async def test_batch_submits_every_job(gateway: Gateway) -> None:
+    """POST /v1/jobs/batch stores and runs each job."""
+    body = {"jobs": [{"task": "io.echo", "args": [i]} for i in range(5)]}
+    status, reply = await gateway.call("POST", "/v1/jobs/batch", json=body)
+    assert status == 202
+    results = [(await gateway.wait(j["id"]))["result"] for j in reply["jobs"]]
+    assert results == list(range(5))
+
+
+async def test_tasks_lists_the_registry(gateway: Gateway) -> None:
+    """GET /v1/tasks lists built-in io tasks with their parameters."""
+    status, body = await gateway.call("GET", "/v1/tasks")
+    assert status == 200
+    by_name = {t["name"]: t for t in body["tasks"]}
+    assert {"io.sleep", "io.echo", "io.http_get"} <= set(by_name)
+    assert [p["name"] for p in by_name["io.http_get"]["parameters"]] == ["url", "timeout_s"]
+    assert by_name["io.sleep"]["kind"] == "io" and by_name["io.sleep"]["engine"] == "asyncio"
+
+
+async def test_health_and_readiness(gateway: Gateway) -> None:
+    """/healthz says ok; /readyz checks Redis and the asyncio engine."""
+    assert (await gateway.call("GET", "/healthz")) == (200, {"status": "ok"})
+    status, body = await gateway.call("GET", "/readyz")
+    assert status == 200 and body["checks"] == {"redis": "ok", "asyncio": "ok"}
+
+
+async def test_queues_report_depth_and_workers(bare_gateway: Gateway) -> None:
+    """GET /v1/queues shows waiting io jobs and no worker when none consumes."""
+    for _ in range(3):
+        await bare_gateway.submit("io.sleep", 0)
+    status, body = await bare_gateway.call("GET", "/v1/queues")
+    assert status == 200
+    assert body["engines"]["asyncio"]["queues"]["io"]["waiting"] == 3

@@ -1,0 +1,119 @@
+"""Bad input gets a JSON 4xx that says what is wrong, and nothing is written to Redis."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from service import ids
+from tests.conftest import Gateway
+
+GOOD_ARGS = [1, 0.5, "x", True, [1], {"a": 1}]
+
+CASES: list[tuple[str, dict[str, Any], int, str]] = [
+    ("malformed JSON", {"data": b'{"task": "io.sleep",'}, 400, "invalid_json"),
+    ("not UTF-8", {"data": b'\xff\xfe'}, 400, "invalid_json"),
+    ("a JSON array", {"json": [1, 2]}, 400, "invalid_body"),
+    ("a JSON string", {"json": "io.sleep"}, 400, "invalid_body"),
+    ("no task", {"json": {"args": [1]}}, 400, "invalid_body"),
+    ("unknown field", {"json": {"task": "io.sleep", "args": [1], "x": 1}}, 400, "invalid_body"),
+    ("args not a list", {"json": {"task": "io.sleep", "args": {"s": 1}}}, 400, "invalid_body"),
+    ("kwargs not an object", {"json": {"task": "io.echo", "kwargs": [1]}}, 400, "invalid_body"),
+    ("unknown task", {"json": {"task": "os.system", "args": ["ls"]}}, 404, "unknown_task"),
+    ("too few args", {"json": {"task": "io.sleep", "args": []}}, 400, "invalid_arguments"),
+    ("too many args", {"json": {"task": "io.sleep", "args": [1, 2]}}, 400, "invalid_arguments"),
+    ("unknown kwarg", {"json": {"task": "io.sleep", "kwargs": {"secs": 1}}}, 400,
+     "invalid_arguments"),
+    ("str for float", {"json": {"task": "io.sleep", "args": ["1"]}}, 400, "invalid_arguments"),
+    ("bool for float", {"json": {"task": "io.sleep", "args": [True]}}, 400, "invalid_arguments"),
+    ("float for int", {"json": {"task": "test.typed", "args": [1.5, *GOOD_ARGS[1:]]}}, 400,
+     "invalid_arguments"),
+    ("int for bool", {"json": {"task": "test.typed",
+                               "args": [1, 0.5, "x", 1, [1], {"a": 1}]}}, 400,
+     "invalid_arguments"),
+    ("dict for list", {"json": {"task": "test.typed",
+                                "args": [1, 0.5, "x", True, {}, {"a": 1}]}}, 400,
+     "invalid_arguments"),
+    ("str for optional int", {"json": {"task": "test.typed", "args": [*GOOD_ARGS, "no"]}}, 400,
+     "invalid_arguments"),
+    ("ctx from the caller", {"json": {"task": "test.hold", "args": [1],
+                                      "kwargs": {"ctx": 1}}}, 400, "invalid_arguments"),
+    ("unknown option", {"json": {"task": "io.sleep", "args": [1],
+                                 "options": {"eval": "x"}}}, 400, "invalid_body"),
+    ("bad timeout", {"json": {"task": "io.sleep", "args": [1],
+                              "options": {"timeout_s": -1}}}, 400, "invalid_body"),
+    ("bad queue", {"json": {"task": "io.sleep", "args": [1],
+                            "options": {"queue": "a b"}}}, 400, "invalid_body"),
+    ("oversized body", {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
+     413, "payload_too_large"),
+]
+
+
+@pytest.mark.parametrize(("what", "request_kw", "status", "code"), CASES,
+                         ids=[case[0] for case in CASES])
+async def test_bad_submit_is_refused_and_writes_nothing(
+    gateway: Gateway, redis: aioredis.Redis, what: str, request_kw: dict[str, Any],
+    status: int, code: str,
+) -> None:
+    """Each kind of bad submit gets its status and error code; Redis keys stay as they were."""
+    before = set(await redis.keys("*"))
+    stream_before = await redis.xlen("cf:stream:io")
+    if len(request_kw.get("data", b"")) > 65536:  # aiohttp wants big bodies as a stream
+        request_kw = {"data": io.BytesIO(request_kw["data"])}
+    got, body = await gateway.call("POST", "/v1/jobs", **request_kw)
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+    assert set(await redis.keys("*")) == before
+    assert await redis.xlen("cf:stream:io") == stream_before
+
+
+async def test_a_good_typed_call_is_accepted(gateway: Gateway) -> None:
+    """The type checks accept every argument of the right type (the refusals above are real)."""
+    job = await gateway.submit("test.typed", *GOOD_ARGS, None)
+    assert (await gateway.wait(job["id"]))["result"] == "ok"
+
+
+async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aioredis.Redis) -> None:
+    """One bad job in a batch refuses the whole batch: nothing is stored."""
+    before = set(await redis.keys("*"))
+    body = {"jobs": [{"task": "io.echo", "args": [1]}, {"task": "io.sleep", "args": ["x"]}]}
+    status, reply = await gateway.call("POST", "/v1/jobs/batch", json=body)
+    assert status == 400 and reply["error"]["code"] == "invalid_arguments"
+    assert set(await redis.keys("*")) == before
+
+
+@pytest.mark.parametrize(("path", "status", "code"), [
+    (f"/v1/jobs/{ids.new_id()}", 404, "job_not_found"),
+    ("/v1/jobs/not-an-id", 400, "invalid_id"),
+    ("/v1/jobs/" + "I" * 26, 400, "invalid_id"),
+    ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=abc", 400, "invalid_parameter"),
+    ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=99999", 400, "invalid_parameter"),
+    ("/v1/nothing", 404, "not_found"),
+])
+async def test_bad_reads_get_json_errors(gateway: Gateway, path: str, status: int,
+                                         code: str) -> None:
+    """Unknown and malformed ids, bad parameters and unknown routes answer JSON errors."""
+    got, body = await gateway.call("GET", path)
+    assert (got, body["error"]["code"]) == (status, code)
+
+
+async def test_cancel_of_bad_ids(gateway: Gateway, redis: aioredis.Redis) -> None:
+    """DELETE with an unknown id is 404, a malformed one 400; neither writes anything."""
+    before = set(await redis.keys("*"))
+    got, body = await gateway.call("DELETE", f"/v1/jobs/{ids.new_id()}")
+    assert (got, body["error"]["code"]) == (404, "job_not_found")
+    got, body = await gateway.call("DELETE", "/v1/jobs/../../x")
+    assert got in (400, 404)
+    got, body = await gateway.call("DELETE", "/v1/jobs/lowercase0000000000000000a")
+    assert (got, body["error"]["code"]) == (400, "invalid_id")
+    assert set(await redis.keys("*")) == before
+
+
+async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
+    """A known route with the wrong method answers 405 with the allowed methods."""
+    got, body = await gateway.call("PUT", "/v1/jobs")
+    assert got == 405 and body["error"]["code"] == "method_not_allowed"
+    assert "POST" in body["error"]["detail"]["allowed"]

@@ -1,0 +1,105 @@
+"""Job state transitions run atomically in Redis and refuse every illegal move."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from service import ids, keys
+from service.jobs import ALLOWED_FROM, TERMINAL, Job, JobState, now_iso
+from service.store import JobStore
+
+PAIRS = list(itertools.product(JobState, JobState))
+
+
+async def _job_in(store: JobStore, state: JobState, max_attempts: int = 3) -> str:
+    job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io",
+              args=[1], state=state, max_attempts=max_attempts, created_at=now_iso())
+    await store.redis.hset(keys.job(job.id), mapping=job.to_hash())
+    return job.id
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis) -> JobStore:
+    return JobStore(redis, job_ttl_s=60)
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS, ids=[f"{a.value}->{b.value}" for a, b in PAIRS])
+async def test_transition_is_allowed_exactly_when_the_table_says(
+    store: JobStore, src: JobState, dst: JobState
+) -> None:
+    """Each of the 49 (from, to) pairs moves if and only if ALLOWED_FROM lists it."""
+    job_id = await _job_in(store, src)
+    moved, previous = await store.transition(job_id, dst, {"note": "x"})
+    assert previous is src
+    assert moved is (src in ALLOWED_FROM[dst])
+    stored = await store.redis.hgetall(keys.job(job_id))
+    assert stored["state"] == (dst if moved else src).value
+    assert ("note" in stored) is moved  # a refused move writes nothing
+    ttl = await store.redis.ttl(keys.job(job_id))
+    assert (ttl > 0) is (moved and dst in TERMINAL)
+
+
+async def test_terminal_jobs_never_change(store: JobStore) -> None:
+    """No target state is reachable from a terminal state."""
+    for src in TERMINAL:
+        for dst in JobState:
+            assert src not in ALLOWED_FROM[dst]
+
+
+async def test_transition_of_a_missing_job_reports_none(store: JobStore) -> None:
+    """A transition on an id with no record changes nothing and says so."""
+    moved, previous = await store.transition(ids.new_id(), JobState.CANCELLED)
+    assert (moved, previous) == (False, None)
+    assert await store.redis.dbsize() == 0
+
+
+async def test_every_transition_is_published(store: JobStore) -> None:
+    """A move publishes {id, state, from} on the events channel; a refusal publishes nothing."""
+    job_id = await _job_in(store, JobState.QUEUED)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.EVENTS)
+    await store.transition(job_id, JobState.SUCCEEDED)  # refused: queued -> succeeded
+    await store.transition(job_id, JobState.CANCELLED)
+    messages = []
+    async with asyncio.timeout(5):
+        while not messages:
+            message = await pubsub.get_message(timeout=5)
+            if message is not None:
+                messages.append(json.loads(message["data"]))
+    assert messages == [{"id": job_id, "state": "cancelled", "from": "queued"}]
+    await pubsub.aclose()
+
+
+@pytest.mark.parametrize("state", [JobState.CANCELLED, *sorted(TERMINAL - {JobState.CANCELLED})])
+async def test_begin_refuses_finished_and_cancelled_jobs(store: JobStore, state: JobState) -> None:
+    """A cancelled or finished job never starts: begin leaves it as it is."""
+    job_id = await _job_in(store, state)
+    begun = await store.begin(job_id, "w1")
+    assert begun.job is None and begun.reason == state.value
+    assert await store.redis.hget(keys.job(job_id), "attempts") == "0"
+
+
+async def test_begin_counts_attempts_and_marks_running(store: JobStore) -> None:
+    """begin moves queued -> running and counts the attempt."""
+    job_id = await _job_in(store, JobState.QUEUED)
+    begun = await store.begin(job_id, "w1")
+    assert begun.job is not None
+    assert begun.job.state is JobState.RUNNING and begun.job.attempts == 1
+    assert begun.job.started_at
+
+
+async def test_redelivery_past_max_attempts_is_dead(store: JobStore) -> None:
+    """A job redelivered after its last attempt was lost goes dead with the reason."""
+    job_id = await _job_in(store, JobState.QUEUED, max_attempts=2)
+    assert (await store.begin(job_id, "w1")).job is not None
+    assert (await store.begin(job_id, "w2")).job is not None  # w1 was lost
+    begun = await store.begin(job_id, "w3")  # w2 was lost too
+    assert begun.job is None and begun.reason == "dead"
+    job = await store.get(job_id)
+    assert job is not None and job.state is JobState.DEAD and job.attempts == 2
+    assert job.error is not None and job.error["type"] == "WorkerLost"
