@@ -26,6 +26,20 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--queues", help="comma-separated io queues (COREFLEET_IO_QUEUES)")
     io.add_argument("--concurrency", type=int, help="jobs at once (COREFLEET_IO_CONCURRENCY)")
 
+    worker = sub.add_parser("worker", help="run a Celery prefork worker for cpu (or gpu) jobs")
+    worker.add_argument("--queues", help="comma-separated queues (COREFLEET_WORKER_QUEUES, cpu)")
+    worker.add_argument("--concurrency", type=int,
+                        help="child processes (COREFLEET_WORKER_CONCURRENCY, default: cores)")
+    worker.add_argument("--max-tasks-per-child", type=int,
+                        help="replace a child after this many jobs")
+    worker.add_argument("--max-memory-per-child", type=int,
+                        help="replace a child above this many KiB of resident memory")
+    worker.add_argument("--gpu", action="store_true",
+                        help="consume only the gpu queue, one child per visible GPU")
+    flower = sub.add_parser("flower", help="run Flower on the same broker")
+    flower.add_argument("--host", help="address (COREFLEET_FLOWER_HOST, 127.0.0.1)")
+    flower.add_argument("--port", type=int, help="port (COREFLEET_FLOWER_PORT, 5555)")
+
     submit = sub.add_parser("submit", help="submit a job and print its record")
     submit.add_argument("task", help="task name, e.g. io.sleep")
     submit.add_argument("args", nargs="*", help="positional arguments, each as JSON")

@@ -84,6 +84,45 @@ class IoWorkerSettings:
 
 
 @dataclass(frozen=True)
+class CelerySettings:
+    #: Queues a ``corefleet worker`` consumes.
+    queues: tuple[str, ...] = ("cpu",)
+    #: Worker child processes; 0 means one per core.
+    concurrency: int = 0
+    max_tasks_per_child: int = 0
+    #: Kilobytes of resident memory after which a child is replaced (0: no limit).
+    max_memory_per_child_kb: int = 0
+    #: Seconds a delivered message may stay unacknowledged before Redis redelivers it;
+    #: always kept above the longest task time limit.
+    visibility_timeout_s: int = 3600
+    #: Time limit for cpu and gpu jobs whose task and job set none.
+    default_time_limit_s: float = 1800.0
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    host: str = "127.0.0.1"
+    port: int = 5555
+    #: ``user:password[,user2:password2]``; required unless Flower listens on loopback.
+    basic_auth: str = ""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    #: An existing Ray cluster (``ray://host:10001`` or ``host:6379``); empty: a local one.
+    ray_address: str = ""
+    #: CPUs a local Ray may use (0: all).
+    ray_cpus: int = 0
+    ray_dashboard: bool = False
+    #: A Dask scheduler (``tcp://host:8786``); empty: a LocalCluster.
+    dask_address: str = ""
+    #: Worker processes of a local Dask cluster (0: one per core).
+    dask_workers: int = 0
+    #: ``cpu`` runs gpu tasks with NumPy/Numba where no GPU is present; empty: fail.
+    gpu_fallback: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     #: Redis URL; ``None`` means "find one" (``corefleet up``) or the default local one.
     redis_url: str | None = None
@@ -98,6 +137,9 @@ class Settings:
     log_level: str = "INFO"
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     io: IoWorkerSettings = field(default_factory=IoWorkerSettings)
+    celery: CelerySettings = field(default_factory=CelerySettings)
+    flower: FlowerSettings = field(default_factory=FlowerSettings)
+    engines: EngineSettings = field(default_factory=EngineSettings)
 
     @property
     def redis(self) -> str:
@@ -122,6 +164,30 @@ class Settings:
             concurrency=_int(env, "COREFLEET_IO_CONCURRENCY", 1000, minimum=1),
             lease_s=_float(env, "COREFLEET_IO_LEASE_S", 30.0, minimum=0.1),
         )
+        celery = CelerySettings(
+            queues=_list(env, "COREFLEET_WORKER_QUEUES") or ("cpu",),
+            concurrency=_int(env, "COREFLEET_WORKER_CONCURRENCY", 0),
+            max_tasks_per_child=_int(env, "COREFLEET_WORKER_MAX_TASKS_PER_CHILD", 0),
+            max_memory_per_child_kb=_int(env, "COREFLEET_WORKER_MAX_MEMORY_PER_CHILD_KB", 0),
+            visibility_timeout_s=_int(env, "COREFLEET_VISIBILITY_TIMEOUT_S", 3600, minimum=1),
+            default_time_limit_s=_float(env, "COREFLEET_DEFAULT_TIME_LIMIT_S", 1800.0,
+                                        minimum=0.001),
+        )
+        flower = FlowerSettings(
+            host=env.get("COREFLEET_FLOWER_HOST", "127.0.0.1"),
+            port=_int(env, "COREFLEET_FLOWER_PORT", 5555, minimum=1),
+            basic_auth=env.get("COREFLEET_FLOWER_BASIC_AUTH", ""),
+        )
+        engines = EngineSettings(
+            ray_address=env.get("COREFLEET_RAY_ADDRESS", ""),
+            ray_cpus=_int(env, "COREFLEET_RAY_CPUS", 0),
+            ray_dashboard=_bool(env, "COREFLEET_RAY_DASHBOARD", False),
+            dask_address=env.get("COREFLEET_DASK_ADDRESS", ""),
+            dask_workers=_int(env, "COREFLEET_DASK_WORKERS", 0),
+            gpu_fallback=env.get("COREFLEET_GPU_FALLBACK", ""),
+        )
+        if engines.gpu_fallback not in ("", "cpu"):
+            raise SettingsError("COREFLEET_GPU_FALLBACK must be empty or 'cpu'")
         return cls(
             redis_url=env.get("COREFLEET_REDIS_URL") or None,
             redis_port=_int(env, "COREFLEET_REDIS_PORT", DEFAULT_REDIS_PORT, minimum=1),
@@ -131,6 +197,9 @@ class Settings:
             log_level=env.get("COREFLEET_LOG_LEVEL", "INFO").upper(),
             gateway=gateway,
             io=io,
+            celery=celery,
+            flower=flower,
+            engines=engines,
         )
 
 
