@@ -15,7 +15,8 @@ from service.settings import Settings, SettingsError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="corefleet", description="Every core, machine and GPU behind one HTTP door.")
+        prog="corefleet", description="Every core, machine and GPU behind one HTTP door."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("up", help="run the whole stack on this machine (Ctrl-C stops it)")
@@ -28,14 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery prefork worker for cpu (or gpu) jobs")
     worker.add_argument("--queues", help="comma-separated queues (COREFLEET_WORKER_QUEUES, cpu)")
-    worker.add_argument("--concurrency", type=int,
-                        help="child processes (COREFLEET_WORKER_CONCURRENCY, default: cores)")
-    worker.add_argument("--max-tasks-per-child", type=int,
-                        help="replace a child after this many jobs")
-    worker.add_argument("--max-memory-per-child", type=int,
-                        help="replace a child above this many KiB of resident memory")
-    worker.add_argument("--gpu", action="store_true",
-                        help="consume only the gpu queue, one child per visible GPU")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        help="child processes (COREFLEET_WORKER_CONCURRENCY, default: cores)",
+    )
+    worker.add_argument(
+        "--max-tasks-per-child", type=int, help="replace a child after this many jobs"
+    )
+    worker.add_argument(
+        "--max-memory-per-child",
+        type=int,
+        help="replace a child above this many KiB of resident memory",
+    )
+    worker.add_argument(
+        "--gpu", action="store_true", help="consume only the gpu queue, one child per visible GPU"
+    )
     flower = sub.add_parser("flower", help="run Flower on the same broker")
     flower.add_argument("--host", help="address (COREFLEET_FLOWER_HOST, 127.0.0.1)")
     flower.add_argument("--port", type=int, help="port (COREFLEET_FLOWER_PORT, 5555)")
@@ -46,16 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--kwargs", default=None, help="keyword arguments as a JSON object")
     submit.add_argument("--options", default=None, help="job options as a JSON object")
     submit.add_argument("--wait", action="store_true", help="wait until the job is finished")
-    submit.add_argument("--timeout", type=float, default=300.0,
-                        help="seconds --wait waits at most (default 300)")
+    submit.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds --wait waits at most (default 300)"
+    )
     get = sub.add_parser("get", help="print a job's record")
     get.add_argument("id")
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("id")
     sub.add_parser("tasks", help="list the registered tasks")
     for cmd in (submit, get, cancel, sub.choices["tasks"]):
-        cmd.add_argument("--url", default=os.environ.get("COREFLEET_URL"),
-                         help="gateway URL (COREFLEET_URL, default http://127.0.0.1:8000)")
+        cmd.add_argument(
+            "--url",
+            default=os.environ.get("COREFLEET_URL"),
+            help="gateway URL (COREFLEET_URL, default http://127.0.0.1:8000)",
+        )
     return parser
 
 
@@ -72,9 +85,12 @@ def _print(payload: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
-    for flag, name in (("host", "COREFLEET_HOST"), ("port", "COREFLEET_PORT"),
-                       ("queues", "COREFLEET_IO_QUEUES"),
-                       ("concurrency", "COREFLEET_IO_CONCURRENCY")):
+    for flag, name in (
+        ("host", "COREFLEET_HOST"),
+        ("port", "COREFLEET_PORT"),
+        ("queues", "COREFLEET_IO_QUEUES"),
+        ("concurrency", "COREFLEET_IO_CONCURRENCY"),
+    ):
         value = getattr(args, flag, None)
         if value is not None:
             env[name] = str(value)

@@ -15,15 +15,16 @@ from typing import Any
 import aiohttp
 
 from service import errors
-from service.jobs import Job, JobState
+from service.jobs import Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The gateway holds ?wait requests for at most this long by default; longer waits loop.
 _WAIT_STEP_S = 30.0
 
 
-def _submit_body(task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None,
-                 options: dict[str, Any] | None) -> dict[str, Any]:
+def _submit_body(
+    task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, options: dict[str, Any] | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {"task": task, "args": list(args)}
     if kwargs:
         body["kwargs"] = kwargs
@@ -70,22 +71,30 @@ class AsyncClient:
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, path: str, body: Any = None,
-                       timeout_s: float | None = None) -> Any:
+    async def _request(
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout)
         try:
-            async with self._session.request(method, self.base_url + path, json=body,
-                                             timeout=timeout) as resp:
+            async with self._session.request(
+                method, self.base_url + path, json=body, timeout=timeout
+            ) as resp:
                 return _decode(resp.status, await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise errors.TransportError(f"{method} {path}: {exc or type(exc).__name__}") from exc
 
-    async def submit(self, task: str, *args: Any, kwargs: dict[str, Any] | None = None,
-                     options: dict[str, Any] | None = None) -> Job:
-        return _job(await self._request("POST", "/v1/jobs",
-                                         _submit_body(task, args, kwargs, options)))
+    async def submit(
+        self,
+        task: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Job:
+        return _job(
+            await self._request("POST", "/v1/jobs", _submit_body(task, args, kwargs, options))
+        )
 
     async def get(self, job_id: str) -> Job:
         return _job(await self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
@@ -95,14 +104,19 @@ class AsyncClient:
         deadline = time.monotonic() + timeout_s
         while True:
             step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
-            job = _job(await self._request(
-                "GET", f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
-                timeout_s=step + self._timeout))
+            job = _job(
+                await self._request(
+                    "GET",
+                    f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
+                    timeout_s=step + self._timeout,
+                )
+            )
             if job.state.terminal:
                 return job
             if time.monotonic() >= deadline:
-                raise errors.WaitTimeout(f"job {job_id} is still {job.state.value}",
-                                         {"state": job.state.value})
+                raise errors.WaitTimeout(
+                    f"job {job_id} is still {job.state.value}", {"state": job.state.value}
+                )
 
     async def cancel(self, job_id: str) -> Job:
         return _job(await self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
@@ -136,16 +150,20 @@ class Client:
 
     def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
         if self._conn is None:
-            cls = (http.client.HTTPSConnection if self._parts.scheme == "https"
-                   else http.client.HTTPConnection)
+            cls = (
+                http.client.HTTPSConnection
+                if self._parts.scheme == "https"
+                else http.client.HTTPConnection
+            )
             self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
         self._conn.timeout = timeout_s
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout_s)
         return self._conn
 
-    def _request(self, method: str, path: str, body: Any = None,
-                 timeout_s: float | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"} if data is not None else {}
         prefix = self._parts.path.rstrip("/")
@@ -164,8 +182,13 @@ class Client:
                 raise errors.TransportError(f"{method} {path}: {exc}") from exc
         raise AssertionError("unreachable")
 
-    def submit(self, task: str, *args: Any, kwargs: dict[str, Any] | None = None,
-               options: dict[str, Any] | None = None) -> Job:
+    def submit(
+        self,
+        task: str,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Job:
         return _job(self._request("POST", "/v1/jobs", _submit_body(task, args, kwargs, options)))
 
     def get(self, job_id: str) -> Job:
@@ -176,14 +199,19 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
-            job = _job(self._request(
-                "GET", f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
-                timeout_s=step + self._timeout))
+            job = _job(
+                self._request(
+                    "GET",
+                    f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
+                    timeout_s=step + self._timeout,
+                )
+            )
             if job.state.terminal:
                 return job
             if time.monotonic() >= deadline:
-                raise errors.WaitTimeout(f"job {job_id} is still {job.state.value}",
-                                         {"state": job.state.value})
+                raise errors.WaitTimeout(
+                    f"job {job_id} is still {job.state.value}", {"state": job.state.value}
+                )
 
     def cancel(self, job_id: str) -> Job:
         return _job(self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))

@@ -141,8 +141,14 @@ def _subclasses(cls: type[CorefleetError]) -> list[type[CorefleetError]]:
 #: Every error class by its ``code``; the client turns gateway errors back into these.
 BY_CODE: dict[str, type[CorefleetError]] = {cls.code: cls for cls in _subclasses(CorefleetError)}
 
-_BY_STATUS = {400: BadRequest, 404: NotFound, 405: MethodNotAllowed, 409: Conflict,
-              413: PayloadTooLarge, 503: EngineUnavailable}
+_BY_STATUS = {
+    400: BadRequest,
+    404: NotFound,
+    405: MethodNotAllowed,
+    409: Conflict,
+    413: PayloadTooLarge,
+    503: EngineUnavailable,
+}
 
 
 def from_json(status: int, body: Any) -> CorefleetError:

@@ -42,7 +42,7 @@ async def listen(
             await asyncio.sleep(0.2)  # back off before reconnecting to a Redis that is down
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
 
 class EventHub:

@@ -143,13 +143,22 @@ class Job:
     def from_api(cls, payload: dict[str, Any]) -> Job:
         """A record as the HTTP API showed it (the clients' view of a job)."""
         return cls(
-            id=payload["id"], task=payload["task"], kind=payload["kind"],
-            engine=payload["engine"], queue=payload["queue"], args=payload.get("args", []),
-            kwargs=payload.get("kwargs", {}), options=payload.get("options", {}),
-            state=JobState(payload["state"]), attempts=payload.get("attempts", 0),
-            max_attempts=payload.get("max_attempts", 1), result=payload.get("result"),
-            error=payload.get("error"), created_at=payload.get("created_at", ""),
-            started_at=payload.get("started_at"), finished_at=payload.get("finished_at"),
+            id=payload["id"],
+            task=payload["task"],
+            kind=payload["kind"],
+            engine=payload["engine"],
+            queue=payload["queue"],
+            args=payload.get("args", []),
+            kwargs=payload.get("kwargs", {}),
+            options=payload.get("options", {}),
+            state=JobState(payload["state"]),
+            attempts=payload.get("attempts", 0),
+            max_attempts=payload.get("max_attempts", 1),
+            result=payload.get("result"),
+            error=payload.get("error"),
+            created_at=payload.get("created_at", ""),
+            started_at=payload.get("started_at"),
+            finished_at=payload.get("finished_at"),
         )
 
     def to_api(self) -> dict[str, Any]:

@@ -29,21 +29,28 @@ def json_errors(max_body_bytes: int) -> Any:
     return middleware
 
 
-async def _guarded(request: web.Request, handler: Handler, max_body_bytes: int
-                   ) -> web.StreamResponse:
+async def _guarded(
+    request: web.Request, handler: Handler, max_body_bytes: int
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except CorefleetError as exc:
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         limit = max_body_bytes
-        return error_response(PayloadTooLarge(
-            f"the body is larger than the {limit} bytes this gateway accepts",
-            {"max_bytes": limit}))
+        return error_response(
+            PayloadTooLarge(
+                f"the body is larger than the {limit} bytes this gateway accepts",
+                {"max_bytes": limit},
+            )
+        )
     except web.HTTPMethodNotAllowed as exc:
-        return error_response(MethodNotAllowed(
-            f"{request.method} is not allowed on {request.path}",
-            {"allowed": sorted(exc.allowed_methods)}))
+        return error_response(
+            MethodNotAllowed(
+                f"{request.method} is not allowed on {request.path}",
+                {"allowed": sorted(exc.allowed_methods)},
+            )
+        )
     except web.HTTPNotFound:
         return error_response(NotFound(f"no route matches {request.path}"))
     except web.HTTPException as exc:

@@ -16,13 +16,22 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    words = {400: "Bad request", 404: "Not found", 409: "Conflict", 413: "Body too large",
-             503: "Engine unavailable"}
+    words = {
+        400: "Bad request",
+        404: "Not found",
+        409: "Conflict",
+        413: "Body too large",
+        503: "Engine unavailable",
+    }
     return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
 
 
-_JOB_ID = {"name": "id", "in": "path", "required": True,
-           "schema": {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"}}
+_JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Z]{25}$"},
+}
 
 _SUBMIT = {
     "type": "object",
@@ -92,52 +101,96 @@ _OBJECT = {"type": "object"}
 
 def openapi_document() -> dict[str, Any]:
     body = {"required": True, "content": {"application/json": {"schema": _ref("SubmitJob")}}}
-    batch_schema = {"type": "object", "required": ["jobs"],
-                    "properties": {"jobs": {"type": "array", "items": _ref("SubmitJob"),
-                                            "minItems": 1, "maxItems": 1000}}}
+    batch_schema = {
+        "type": "object",
+        "required": ["jobs"],
+        "properties": {
+            "jobs": {"type": "array", "items": _ref("SubmitJob"), "minItems": 1, "maxItems": 1000}
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "corefleet gateway", "version": "1"},
         "paths": {
-            "/v1/jobs": {"post": {
-                "summary": "Submit one job",
-                "requestBody": body,
-                "responses": {"202": _json(_ref("Job"), "Stored and queued"),
-                              **_errors(400, 404, 413, 503)},
-            }},
-            "/v1/jobs/batch": {"post": {
-                "summary": "Submit many jobs at once (all or none)",
-                "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": batch_schema}}},
-                "responses": {"202": _json({"type": "object", "properties": {
-                    "jobs": {"type": "array", "items": _ref("Job")}}}, "Stored and queued"),
-                    **_errors(400, 404, 413, 503)},
-            }},
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit one job",
+                    "requestBody": body,
+                    "responses": {
+                        "202": _json(_ref("Job"), "Stored and queued"),
+                        **_errors(400, 404, 413, 503),
+                    },
+                }
+            },
+            "/v1/jobs/batch": {
+                "post": {
+                    "summary": "Submit many jobs at once (all or none)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": batch_schema}},
+                    },
+                    "responses": {
+                        "202": _json(
+                            {
+                                "type": "object",
+                                "properties": {"jobs": {"type": "array", "items": _ref("Job")}},
+                            },
+                            "Stored and queued",
+                        ),
+                        **_errors(400, 404, 413, 503),
+                    },
+                }
+            },
             "/v1/jobs/{id}": {
                 "get": {
                     "summary": "A job's record, optionally waiting until it is terminal",
-                    "parameters": [_JOB_ID, {"name": "wait", "in": "query", "required": False,
-                                             "schema": {"type": "number", "minimum": 0}}],
+                    "parameters": [
+                        _JOB_ID,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0},
+                        },
+                    ],
                     "responses": {"200": _json(_ref("Job"), "The record"), **_errors(400, 404)},
                 },
                 "delete": {
                     "summary": "Cancel a job",
                     "parameters": [_JOB_ID],
-                    "responses": {"200": _json(_ref("Job"), "Cancelled"),
-                                  **_errors(400, 404, 409)},
+                    "responses": {"200": _json(_ref("Job"), "Cancelled"), **_errors(400, 404, 409)},
                 },
             },
-            "/v1/tasks": {"get": {"summary": "The task registry",
-                                  "responses": {"200": _json(_OBJECT, "Every task")}}},
-            "/v1/queues": {"get": {"summary": "Engines, queues and workers",
-                                   "responses": {"200": _json(_OBJECT, "Per engine")}}},
-            "/healthz": {"get": {"summary": "Liveness",
-                                 "responses": {"200": _json(_OBJECT, "Up")}}},
-            "/readyz": {"get": {"summary": "Readiness: Redis and engines answer",
-                                "responses": {"200": _json(_OBJECT, "Ready"),
-                                              "503": _json(_OBJECT, "Not ready")}}},
-            "/openapi.json": {"get": {"summary": "This document",
-                                      "responses": {"200": _json(_OBJECT, "OpenAPI 3.1")}}},
+            "/v1/tasks": {
+                "get": {
+                    "summary": "The task registry",
+                    "responses": {"200": _json(_OBJECT, "Every task")},
+                }
+            },
+            "/v1/queues": {
+                "get": {
+                    "summary": "Engines, queues and workers",
+                    "responses": {"200": _json(_OBJECT, "Per engine")},
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "Liveness", "responses": {"200": _json(_OBJECT, "Up")}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: Redis and engines answer",
+                    "responses": {
+                        "200": _json(_OBJECT, "Ready"),
+                        "503": _json(_OBJECT, "Not ready"),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _json(_OBJECT, "OpenAPI 3.1")},
+                }
+            },
         },
         "components": {"schemas": {"SubmitJob": _SUBMIT, "Job": _JOB, "Error": _ERROR}},
     }

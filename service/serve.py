@@ -17,9 +17,7 @@ from tasks import Registry
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_gateway(settings: Settings) -> None:
@@ -46,8 +44,11 @@ async def _io_worker(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     logging.getLogger("corefleet.io").info(
-        "io worker %s consuming %s, %d at once", name, ",".join(settings.io.queues),
-        settings.io.concurrency)
+        "io worker %s consuming %s, %d at once",
+        name,
+        ",".join(settings.io.queues),
+        settings.io.concurrency,
+    )
     try:
         await worker.run(stop)
     finally:

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 DEFAULT_REDIS_PORT = 6379
 
 
@@ -170,8 +169,9 @@ class Settings:
             max_tasks_per_child=_int(env, "COREFLEET_WORKER_MAX_TASKS_PER_CHILD", 0),
             max_memory_per_child_kb=_int(env, "COREFLEET_WORKER_MAX_MEMORY_PER_CHILD_KB", 0),
             visibility_timeout_s=_int(env, "COREFLEET_VISIBILITY_TIMEOUT_S", 3600, minimum=1),
-            default_time_limit_s=_float(env, "COREFLEET_DEFAULT_TIME_LIMIT_S", 1800.0,
-                                        minimum=0.001),
+            default_time_limit_s=_float(
+                env, "COREFLEET_DEFAULT_TIME_LIMIT_S", 1800.0, minimum=0.001
+            ),
         )
         flower = FlowerSettings(
             host=env.get("COREFLEET_FLOWER_HOST", "127.0.0.1"),
@@ -213,5 +213,3 @@ def env_names() -> set[str]:
         for path in (root / package).rglob("*.py"):
             names.update(re.findall(r'"(COREFLEET_[A-Z0-9_]+)"', path.read_text()))
     return names
-
-

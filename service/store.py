@@ -61,7 +61,8 @@ class JobStore:
         await pipe.execute()
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await self.redis.hgetall(keys.job(job_id))
+        # redis-py types each command for its sync and async clients at once.
+        raw: dict[str, str] = await self.redis.hgetall(keys.job(job_id))  # type: ignore[misc]
         return Job.from_hash(raw) if raw else None
 
     async def begin(self, job_id: str, worker: str) -> Begun:
@@ -69,8 +70,14 @@ class JobStore:
         lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
         reply = await self._begin(
             keys=[keys.job(job_id)],
-            args=[job_id, now_iso(), worker, self.job_ttl_s, keys.EVENTS,
-                  json.dumps(lost.to_json())],
+            args=[
+                job_id,
+                now_iso(),
+                worker,
+                self.job_ttl_s,
+                keys.EVENTS,
+                json.dumps(lost.to_json()),
+            ],
         )
         if reply[0] != "run":
             return Begun(None, reply[1] if len(reply) > 1 else reply[0])

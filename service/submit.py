@@ -24,8 +24,10 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - {"timeout_s", "max_attempts", "queue"})
     if unknown:
-        raise InvalidBody(f"unknown option(s): {', '.join(unknown)}",
-                          {"allowed": ["max_attempts", "queue", "timeout_s"]})
+        raise InvalidBody(
+            f"unknown option(s): {', '.join(unknown)}",
+            {"allowed": ["max_attempts", "queue", "timeout_s"]},
+        )
     timeout = options.get("timeout_s")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
@@ -54,8 +56,9 @@ class Submitter:
             raise InvalidBody("the body must be a JSON object")
         unknown = sorted(set(body) - _BODY_KEYS)
         if unknown:
-            raise InvalidBody(f"unknown field(s): {', '.join(unknown)}",
-                              {"allowed": sorted(_BODY_KEYS)})
+            raise InvalidBody(
+                f"unknown field(s): {', '.join(unknown)}", {"allowed": sorted(_BODY_KEYS)}
+            )
         name = body.get("task")
         if not isinstance(name, str) or not name:
             raise InvalidBody("'task' must be a task name (a non-empty string)")
@@ -79,8 +82,9 @@ class Submitter:
         _check_options(options)
         engine = spec.engine
         if engine not in self.engines:
-            raise EngineUnavailable(f"the {engine} engine is not enabled on this gateway",
-                                    {"engine": engine})
+            raise EngineUnavailable(
+                f"the {engine} engine is not enabled on this gateway", {"engine": engine}
+            )
         timeout = options.get("timeout_s", spec.timeout_s)
         return Job(
             id=ids.new_id(),

@@ -8,6 +8,7 @@ on Ctrl-C or SIGTERM each is stopped, then killed if it lingers, so nothing is l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,9 +57,21 @@ def embedded_redis_command(port: int, data_dir: Path) -> list[str]:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     return [
-        str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1",
-        "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
-        "--daemonize", "no", "--logfile", "redis.log",
+        str(get_binary_path()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir.resolve()),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "redis.log",
     ]
 
 
@@ -69,7 +82,9 @@ class Stack:
     redis_url: str = ""
     redis_origin: str = ""
 
-    def start_child(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start_child(
+        self, name: str, argv: list[str], env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
         # A session of its own: Ctrl-C reaches `up` only, which then stops children in order.
         proc = subprocess.Popen(argv, env=env, start_new_session=True)
         self.children.append((name, proc))
@@ -86,9 +101,11 @@ class Stack:
         if _answers(url):
             self.redis_url, self.redis_origin = url, "found running"
             return
-        proc = self.start_child("redis (embedded)",
-                                embedded_redis_command(s.redis_port, s.data_dir / "redis"),
-                                dict(os.environ))
+        proc = self.start_child(
+            "redis (embedded)",
+            embedded_redis_command(s.redis_port, s.data_dir / "redis"),
+            dict(os.environ),
+        )
         _wait_until(lambda: _answers(url), 15, "the embedded Redis", proc)
         self.redis_url, self.redis_origin = url, f"embedded, data in {s.data_dir / 'redis'}"
 
@@ -96,8 +113,7 @@ class Stack:
         self.resolve_redis()
         env = dict(os.environ, COREFLEET_REDIS_URL=self.redis_url)
         gw = self.settings.gateway
-        gateway = self.start_child(
-            "gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
+        gateway = self.start_child("gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
         health = f"http://{gw.host}:{gw.port}/healthz"
         _wait_until(lambda: _http_ok(health), 60, "the gateway", gateway)
 
@@ -113,22 +129,22 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             # Whatever the child started in its session (e.g. Ray's processes) goes too.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def banner(self) -> str:
         gw = self.settings.gateway
         base = f"http://{gw.host}:{gw.port}"
-        return "\n".join([
-            "corefleet is up",
-            f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
-            f"  redis      {self.redis_url}  ({self.redis_origin})",
-            f"  io worker  embedded in the gateway"
-            f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
-            "Ctrl-C stops everything.",
-        ])
+        return "\n".join(
+            [
+                "corefleet is up",
+                f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
+                f"  redis      {self.redis_url}  ({self.redis_origin})",
+                f"  io worker  embedded in the gateway"
+                f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
+                "Ctrl-C stops everything.",
+            ]
+        )
 
 
 def _http_ok(url: str) -> bool:
@@ -157,8 +173,11 @@ def run_up(settings: Settings) -> int:
         while True:
             for name, proc in stack.children:
                 if proc.poll() is not None:
-                    print(f"corefleet: {name} exited with code {proc.returncode}; stopping",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"corefleet: {name} exited with code {proc.returncode}; stopping",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 1
             time.sleep(0.5)  # watching children that have no other way to signal us
     except _Stop as stop:

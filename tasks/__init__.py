@@ -220,12 +220,16 @@ def bind_arguments(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> s
             continue
         kind = params[name].kind
         values = (
-            value if kind is inspect.Parameter.VAR_POSITIONAL
-            else value.values() if kind is inspect.Parameter.VAR_KEYWORD
+            value
+            if kind is inspect.Parameter.VAR_POSITIONAL
+            else value.values()
+            if kind is inspect.Parameter.VAR_KEYWORD
             else [value]
         )
         for item in values:
             if _matches(item, hint) is False:
-                return (f"{spec.name}: argument {name!r} must be {_type_name(hint)}, "
-                        f"not {type(item).__name__}")
+                return (
+                    f"{spec.name}: argument {name!r} must be {_type_name(hint)}, "
+                    f"not {type(item).__name__}"
+                )
     return None

@@ -35,15 +35,14 @@ async def http_get(url: str, timeout_s: float = 10.0) -> dict[str, Any]:
         raise ValueError("url must start with http:// or https://")
     started = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url) as resp:
-            length = 0
-            async for chunk in resp.content.iter_chunked(65536):
-                length += len(chunk)
-            headers = {h: resp.headers[h] for h in _HEADERS if h in resp.headers}
-            return {
-                "status": resp.status,
-                "headers": headers,
-                "body_length": length,
-                "elapsed_s": round(time.perf_counter() - started, 6),
-            }
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as resp:
+        length = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            length += len(chunk)
+        headers = {h: resp.headers[h] for h in _HEADERS if h in resp.headers}
+        return {
+            "status": resp.status,
+            "headers": headers,
+            "body_length": length,
+            "elapsed_s": round(time.perf_counter() - started, 6),
+        }

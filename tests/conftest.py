@@ -98,17 +98,16 @@ async def bare_gateway(settings: Settings, redis: aioredis.Redis) -> AsyncIterat
     await server.close()
 
 
-async def wait_state(redis: aioredis.Redis, job_id: str, *states: str,
-                     timeout: float = 30) -> str:
+async def wait_state(redis: aioredis.Redis, job_id: str, *states: str, within: float = 30) -> str:
     """Wait, on pub/sub events, until the job is in one of ``states``; return that state."""
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe("cf:events")
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 state = await redis.hget(f"cf:job:{job_id}", "state")
                 if state in states:
                     return str(state)
-                await pubsub.get_message(timeout=timeout)
+                await pubsub.get_message(timeout=within)
     finally:
         await pubsub.aclose()

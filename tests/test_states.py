@@ -17,8 +17,17 @@ PAIRS = list(itertools.product(JobState, JobState))
 
 
 async def _job_in(store: JobStore, state: JobState, max_attempts: int = 3) -> str:
-    job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io",
-              args=[1], state=state, max_attempts=max_attempts, created_at=now_iso())
+    job = Job(
+        id=ids.new_id(),
+        task="io.echo",
+        kind="io",
+        engine="asyncio",
+        queue="io",
+        args=[1],
+        state=state,
+        max_attempts=max_attempts,
+        created_at=now_iso(),
+    )
     await store.redis.hset(keys.job(job.id), mapping=job.to_hash())
     return job.id
 

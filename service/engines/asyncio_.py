@@ -136,7 +136,7 @@ class IoWorker:
             await self._drain(grace_s)
 
     async def _read(self, stop: asyncio.Event) -> None:
-        streams = {keys.stream(q): ">" for q in self.settings.queues}
+        streams: dict[Any, Any] = {keys.stream(q): ">" for q in self.settings.queues}
         while not stop.is_set():
             free = self.settings.concurrency - len(self._held)
             if free <= 0:
@@ -160,17 +160,18 @@ class IoWorker:
                 continue
             for stream, entries in reply or ():
                 for entry_id, fields in entries:
-                    self._start(stream, entry_id, fields)
+                    if not self._start(stream, entry_id, fields):
+                        await self._ack(stream, entry_id)
 
-    def _start(self, stream: str, entry_id: str, fields: dict[str, str] | None) -> None:
+    def _start(self, stream: str, entry_id: str, fields: dict[str, str] | None) -> bool:
+        """Run the entry's job; False for an entry with no job (to be acknowledged)."""
         job_id = (fields or {}).get("id")
-        if not job_id or job_id in self._held:
-            # A deleted entry, or one this worker already runs (claimed back from itself).
-            if not job_id:
-                asyncio.create_task(self._ack(stream, entry_id))
-            return
-        task = asyncio.create_task(self._run_one(stream, entry_id, job_id))
-        self._held[job_id] = (task, stream, entry_id)
+        if not job_id:
+            return False
+        if job_id not in self._held:  # else: this worker already runs it
+            task = asyncio.create_task(self._run_one(stream, entry_id, job_id))
+            self._held[job_id] = (task, stream, entry_id)
+        return True
 
     async def _run_one(self, stream: str, entry_id: str, job_id: str) -> None:
         done = False
@@ -219,7 +220,7 @@ class IoWorker:
                 log.warning("cannot renew or reclaim leases (%s)", exc)
 
     async def _renew(self) -> None:
-        by_stream: dict[str, list[str]] = {}
+        by_stream: dict[str, list[Any]] = {}
         for _task, stream, entry_id in self._held.values():
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
@@ -237,9 +238,8 @@ class IoWorker:
             )
             for entry_id, fields in reply[1]:
                 log.info("reclaimed %s from a silent consumer", entry_id)
-                self._start(stream, entry_id, fields)
-            for entry_id in reply[2] if len(reply) > 2 else ():
-                await self._ack(stream, entry_id)
+                if not self._start(stream, entry_id, fields):
+                    await self._ack(stream, entry_id)
 
     async def _drain(self, grace_s: float) -> None:
         tasks = [held[0] for held in self._held.values()]

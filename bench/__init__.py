@@ -1,0 +1,1 @@
+"""corefleet benchmarks: ``python -m bench --help`` lists them (see bench/README.md)."""

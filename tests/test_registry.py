@@ -1,0 +1,74 @@
+"""The task registry: marking, loading, describing and argument checking."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from service.settings import Settings, SettingsError
+from tasks import Registry, bind_arguments, task
+
+
+def test_load_collects_builtin_and_extra_modules() -> None:
+    """Registry.load finds the built-in io tasks and those of COREFLEET_TASK_MODULES."""
+    registry = Registry.load(["tests.fleet_tasks"])
+    names = {spec.name for spec in registry}
+    assert {"io.sleep", "io.echo", "io.http_get", "test.hold"} <= names
+
+
+def test_two_tasks_with_one_name_are_refused() -> None:
+    """A second function registered under a taken name is an error, not a silent override."""
+    module = types.ModuleType("m")
+
+    @task("dup.x", kind="io")
+    async def one() -> None: ...
+
+    @task("dup.x", kind="io")
+    async def two() -> None: ...
+
+    one.__module__ = two.__module__ = "m"
+    module.one, module.two = one, two  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"dup\.x"):
+        Registry().add_module(module)
+
+
+def test_bad_declarations_are_refused() -> None:
+    """Unknown kinds and engines fail at import time, where the author sees them."""
+    with pytest.raises(ValueError, match="kind"):
+        task(kind="quantum")
+    with pytest.raises(ValueError, match="engine"):
+        task(kind="cpu", engine="spark")
+
+
+def test_binding_names_the_problem() -> None:
+    """Argument errors say which argument and which type."""
+    spec = Registry.load().get("io.http_get")
+    assert spec is not None
+    assert bind_arguments(spec, ["http://x"], {}) is None
+    problem = bind_arguments(spec, [5], {})
+    assert problem is not None and "'url' must be str, not int" in problem
+    problem = bind_arguments(spec, [], {})
+    assert problem is not None and "url" in problem
+
+
+def test_settings_reject_bad_values() -> None:
+    """A malformed COREFLEET_* value names the variable instead of failing later."""
+    with pytest.raises(SettingsError, match="COREFLEET_PORT"):
+        Settings.from_env({"COREFLEET_PORT": "eighty"})
+    with pytest.raises(SettingsError, match="COREFLEET_EMBEDDED_IO_WORKER"):
+        Settings.from_env({"COREFLEET_EMBEDDED_IO_WORKER": "maybe"})
+    settings = Settings.from_env({"COREFLEET_IO_QUEUES": "a, b", "COREFLEET_PORT": "9"})
+    assert settings.io.queues == ("a", "b") and settings.gateway.port == 9
+
+
+def test_importing_the_service_imports_no_engine() -> None:
+    """`import service.app` loads no ray, dask, numba, cupy or celery."""
+    code = (
+        "import sys, service.app, clients, tasks; "
+        "print(sorted(m for m in ('ray','dask','numba','cupy','celery') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

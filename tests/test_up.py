@@ -1,0 +1,61 @@
+"""`corefleet up` with no Redis around starts the embedded one and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree, wait_until
+
+
+def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
+    """up → embedded Redis + gateway; a job succeeds; SIGINT leaves no process alive."""
+    redis_port, port = free_port(), free_port()
+    env = env_with(
+        COREFLEET_REDIS_PORT=str(redis_port),
+        COREFLEET_PORT=str(port),
+        COREFLEET_DATA_DIR=str(tmp_path / "data"),
+    )
+    env.pop("COREFLEET_REDIS_URL", None)
+    log = (tmp_path / "up.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: "corefleet is up" in (tmp_path / "up.log").read_text(), 90, "up")
+        banner = (tmp_path / "up.log").read_text()
+        assert f"redis://127.0.0.1:{redis_port}/0  (embedded" in banner
+        assert (tmp_path / "data" / "redis").is_dir()
+        tree = process_tree(proc.pid)
+        assert len(tree) >= 3  # up, the embedded Redis, the gateway
+        request = urllib.request.Request(
+            url + "/v1/jobs",
+            data=json.dumps({"task": "io.echo", "args": ["hi"]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            job = json.loads(resp.read())
+        with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=30", timeout=40) as resp:
+            done = json.loads(resp.read())
+        assert done["state"] == "succeeded" and done["result"] == "hi"
+        tree = process_tree(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        wait_until(lambda: not any(alive(pid) for pid in tree), 30, "children to exit")
+        assert not http_ok(url + "/healthz")
+    finally:
+        if proc.poll() is None:
+            for pid in process_tree(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
