@@ -1,6 +1,8 @@
-"""Python clients for corefleet: over HTTP (``AsyncClient``, ``Client``)."""
+"""Python clients for corefleet: over HTTP (``AsyncClient``, ``Client``) and straight into
+Redis for services that enqueue without HTTP (``AsyncProducer``, ``Producer``)."""
 
 from clients.http import AsyncClient, Client
+from clients.producer import AsyncProducer, Producer
 from service.errors import (
     BadRequest,
     Conflict,
@@ -22,6 +24,7 @@ from service.jobs import Job, JobState
 
 __all__ = [
     "AsyncClient",
+    "AsyncProducer",
     "BadRequest",
     "Client",
     "Conflict",
@@ -37,6 +40,7 @@ __all__ = [
     "JobState",
     "NotFound",
     "PayloadTooLarge",
+    "Producer",
     "TransportError",
     "UnknownTask",
     "WaitTimeout",

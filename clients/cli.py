@@ -83,14 +83,23 @@ def _print(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=False))
 
 
+#: Command-line flags that stand in for a setting, per command.
+_FLAG_SETTINGS = {
+    "gateway": (("host", "COREFLEET_HOST"), ("port", "COREFLEET_PORT")),
+    "io-worker": (("queues", "COREFLEET_IO_QUEUES"), ("concurrency", "COREFLEET_IO_CONCURRENCY")),
+    "worker": (
+        ("queues", "COREFLEET_WORKER_QUEUES"),
+        ("concurrency", "COREFLEET_WORKER_CONCURRENCY"),
+        ("max_tasks_per_child", "COREFLEET_WORKER_MAX_TASKS_PER_CHILD"),
+        ("max_memory_per_child", "COREFLEET_WORKER_MAX_MEMORY_PER_CHILD_KB"),
+    ),
+    "flower": (("host", "COREFLEET_FLOWER_HOST"), ("port", "COREFLEET_FLOWER_PORT")),
+}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
-    for flag, name in (
-        ("host", "COREFLEET_HOST"),
-        ("port", "COREFLEET_PORT"),
-        ("queues", "COREFLEET_IO_QUEUES"),
-        ("concurrency", "COREFLEET_IO_CONCURRENCY"),
-    ):
+    for flag, name in _FLAG_SETTINGS.get(args.command, ()):
         value = getattr(args, flag, None)
         if value is not None:
             env[name] = str(value)
@@ -136,6 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from service.serve import run_gateway
 
             run_gateway(settings)
+            return 0
+        if args.command == "worker":
+            from service.engines.celery_worker import run_worker
+
+            queues = ("gpu",) if args.gpu else settings.celery.queues
+            run_worker(
+                settings,
+                queues=queues,
+                concurrency=settings.celery.concurrency,
+                max_tasks_per_child=settings.celery.max_tasks_per_child,
+                max_memory_per_child_kb=settings.celery.max_memory_per_child_kb,
+            )
+            return 0
+        if args.command == "flower":
+            from service.flower import run_flower
+
+            run_flower(settings)
             return 0
         if args.command == "io-worker":
             from service.serve import run_io_worker

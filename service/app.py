@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from service import ids
-from service.engines.asyncio_ import AsyncioEngine, IoWorker, consumer_name
+from service.engines import build_engines
+from service.engines.asyncio_ import IoWorker, consumer_name
 from service.engines.base import Engine
 from service.errors import (
     InvalidBody,
@@ -88,7 +89,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
-    engines: dict[str, Engine] = {"asyncio": AsyncioEngine(app[REDIS], app[SETTINGS].io.queues)}
+    engines = build_engines(app[REDIS], app[SETTINGS])
     for engine in engines.values():
         await engine.start()
     app[ENGINES] = engines

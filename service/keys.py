@@ -18,3 +18,8 @@ def job(job_id: str) -> str:
 def stream(queue: str) -> str:
     """The Redis Stream that carries the ids of jobs waiting on an asyncio queue."""
     return f"{PREFIX}stream:{queue}"
+
+
+def io_workers(queue: str) -> str:
+    """Sorted set of io workers consuming ``queue``, scored by when each last checked in."""
+    return f"{PREFIX}io-workers:{queue}"

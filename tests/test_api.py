@@ -166,16 +166,26 @@ async def test_tasks_lists_the_registry(gateway: Gateway) -> None:
 
 
 async def test_health_and_readiness(gateway: Gateway) -> None:
-    """/healthz says ok; /readyz checks Redis and the asyncio engine."""
+    """/healthz says ok; /readyz checks Redis and every engine."""
     assert (await gateway.call("GET", "/healthz")) == (200, {"status": "ok"})
     status, body = await gateway.call("GET", "/readyz")
-    assert status == 200 and body["checks"] == {"redis": "ok", "asyncio": "ok"}
+    assert status == 200 and body["checks"] == {"redis": "ok", "asyncio": "ok", "celery": "ok"}
 
 
-async def test_queues_report_depth_and_workers(bare_gateway: Gateway) -> None:
-    """GET /v1/queues shows waiting io jobs and no worker when none consumes."""
+async def test_queues_report_waiting_jobs_and_no_worker(bare_gateway: Gateway) -> None:
+    """GET /v1/queues shows waiting io jobs, and no io worker when none consumes."""
     for _ in range(3):
         await bare_gateway.submit("io.sleep", 0)
     status, body = await bare_gateway.call("GET", "/v1/queues")
     assert status == 200
-    assert body["engines"]["asyncio"]["queues"]["io"]["waiting"] == 3
+    io = body["engines"]["asyncio"]["queues"]["io"]
+    assert (io["waiting"], io["workers"]) == (3, 0)
+
+
+async def test_queues_count_live_io_workers(gateway: Gateway, redis: aioredis.Redis) -> None:
+    """The gateway's embedded io worker checks in and is counted."""
+    async with asyncio.timeout(10):
+        while not await redis.zcard("cf:io-workers:io"):  # noqa: ASYNC110  # another task's write
+            await asyncio.sleep(0.05)  # sleep-ok: the worker checks in on start
+    _status, body = await gateway.call("GET", "/v1/queues")
+    assert body["engines"]["asyncio"]["queues"]["io"]["workers"] == 1

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -72,17 +73,21 @@ async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
             raise
 
 
+#: A worker that has not checked in for this long no longer counts as consuming.
+WORKER_SILENCE_S = 15.0
+
+
 async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
     stream = keys.stream(queue)
-    waiting = running = workers = 0
+    waiting = running = 0
     with contextlib.suppress(ResponseError):
         for group in await redis.xinfo_groups(stream):
             if group["name"] == keys.IO_GROUP:
                 running = int(group["pending"])
                 waiting = int(group.get("lag") or 0)
-                consumers = await redis.xinfo_consumers(stream, keys.IO_GROUP)
-                workers = sum(1 for c in consumers if int(c.get("inactive", c["idle"])) < 60_000)
-    return {"waiting": waiting, "running": running, "workers": workers}
+    since = time.time() - WORKER_SILENCE_S
+    workers = await redis.zcount(keys.io_workers(queue), since, "+inf")
+    return {"waiting": waiting, "running": running, "workers": int(workers)}
 
 
 def consumer_name() -> str:
@@ -134,6 +139,9 @@ class IoWorker:
                 helper.cancel()
             await asyncio.gather(reader, *helpers, return_exceptions=True)
             await self._drain(grace_s)
+            with contextlib.suppress(*_REDIS_DOWN):
+                for queue in self.settings.queues:
+                    await self.redis.zrem(keys.io_workers(queue), self.name)
 
     async def _read(self, stop: asyncio.Event) -> None:
         streams: dict[Any, Any] = {keys.stream(q): ">" for q in self.settings.queues}
@@ -210,14 +218,22 @@ class IoWorker:
             held[0].cancel()
 
     async def _keep_leases(self) -> None:
-        period = self.settings.lease_s / 3
+        period = min(self.settings.lease_s / 3, WORKER_SILENCE_S / 3)
         while True:
-            await asyncio.sleep(period)  # the lease period is the point of this loop
             try:
+                await self._check_in()
                 await self._renew()
                 await self._reclaim()
             except _REDIS_DOWN as exc:
                 log.warning("cannot renew or reclaim leases (%s)", exc)
+            await asyncio.sleep(period)  # the lease period is the point of this loop
+
+    async def _check_in(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for queue in self.settings.queues:
+            pipe.zadd(keys.io_workers(queue), {self.name: time.time()})
+            pipe.zremrangebyscore(keys.io_workers(queue), 0, time.time() - 4 * WORKER_SILENCE_S)
+        await pipe.execute()
 
     async def _renew(self) -> None:
         by_stream: dict[str, list[Any]] = {}
