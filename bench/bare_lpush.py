@@ -22,7 +22,7 @@ LIST_KEY = "bench:bare:jobs"
 
 async def submit(request: web.Request) -> web.Response:
     body = await request.read()
-    await request.app[REDIS].lpush(LIST_KEY, body)
+    await request.app[REDIS].lpush(LIST_KEY, body)  # type: ignore[misc]
     return web.json_response({"queued": True}, status=202)
 
 

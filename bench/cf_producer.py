@@ -93,13 +93,14 @@ async def check_results(redis: aioredis.Redis, ids: list[str]) -> int:
     for start in range(0, len(ids), 1000):
         pipe = redis.pipeline(transaction=False)
         for job_id in ids[start:start + 1000]:
-            pipe.hmget(f"cf:job:{job_id}", "state", "result")
+            pipe.hmget(f"cf:job:{job_id}", ["state", "result"])
         for state, result in await pipe.execute():
             good += state == "succeeded" and result == "1"
     return good
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    cpu0 = time.process_time()
     redis = aioredis.Redis.from_url(args.redis_url, decode_responses=True)
     counter = Counter()
     ready = asyncio.Event()
@@ -126,6 +127,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "system": "corefleet", "n": args.n, "mode": args.mode, "batch_size": args.batch_size,
         "concurrency": args.concurrency, "wall_s": wall,
         "submit_s": submitted - started, "jobs_per_s": args.n / wall,
+        "producer_cpu_s": time.process_time() - cpu0,
         "submit_jobs_per_s": args.n / (submitted - started),
         "succeeded_events": counter.succeeded, "other_terminal_events": counter.other_terminal,
         "verified_results": good,

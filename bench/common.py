@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -71,7 +71,7 @@ class Proc:
         self.log_path = LOGS / f"{stamp()}-{name}-{os.getpid()}-{free_port()}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Proc:
+    def start(self) -> Self:
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
                 self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
@@ -85,6 +85,14 @@ class Proc:
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time this process has used so far (Linux /proc)."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AssertionError):
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_text(self) -> str:
         try:
@@ -117,7 +125,7 @@ class Proc:
                 self.popen.wait(5)
         return self.popen.returncode
 
-    def __enter__(self) -> Proc:
+    def __enter__(self) -> Self:
         if self.popen is None:
             self.start()
         return self
@@ -139,7 +147,7 @@ class RedisServer(Proc):
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self) -> Self:
         super().start()
         self.wait_ready(self.ping, 15)
         return self
@@ -151,7 +159,7 @@ class RedisServer(Proc):
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30,
                              decode_responses=True)
         try:
-            return client.execute_command(*args)
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
             client.close()
 

@@ -81,11 +81,16 @@ def run_corefleet(redis: RedisServer, args: argparse.Namespace, mode: str) -> di
         gateway.wait_ready(lambda: http_ok(url + "/healthz"))
         worker.wait_log("consuming")
         single = mode == "single"
-        return run_json_child("cf_producer", [
+        before = {p.name: p.cpu_seconds() for p in (gateway, worker, redis)}
+        result = run_json_child("cf_producer", [
             PYTHON, str(BENCH / "cf_producer.py"), "--url", url, "--redis-url", redis.url,
             "--n", str(args.n), "--warmup", str(args.warmup), "--mode", mode,
             "--batch-size", str(args.batch_size), "--concurrency", "64" if single else "4",
         ], timeout=300)
+        result["cpu_s"] = {p.name: p.cpu_seconds() - before[p.name]
+                           for p in (gateway, worker, redis)}
+        result["cpu_s"]["producer"] = result.pop("producer_cpu_s")
+        return result
 
 
 def run_arq(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,11 +102,15 @@ def run_arq(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
     try:
         with worker:
             worker.wait_ready(lambda: bool(redis.command("EXISTS", ARQ_HEALTH_KEY)))
-            return run_json_child("arq_producer", [
+            before = {p.name: p.cpu_seconds() for p in (worker, redis)}
+            result = run_json_child("arq_producer", [
                 str(ARQ_PYTHON), str(BENCH / "arq_side.py"), "produce",
                 "--redis-port", str(redis.port), "--n", str(args.n),
                 "--warmup", str(args.warmup), "--concurrency", "64",
             ], timeout=300)
+            result["cpu_s"] = {p.name: p.cpu_seconds() - before[p.name] for p in (worker, redis)}
+            result["cpu_s"]["producer"] = result.pop("producer_cpu_s")
+            return result
     finally:
         redis.command("CONFIG", "SET", "notify-keyspace-events", "")
 
@@ -141,6 +150,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "median_wall_s": median(r["wall_s"] for r in mine),
             "median_submit_jobs_per_s": median(r["submit_jobs_per_s"] for r in mine),
             "verified": f"{min(r['verified_results'] for r in mine)}/{args.n}",
+            # CPU over the whole producer run (warm-up included), per job submitted.
+            "cpu_us_per_job": {
+                proc: median(r["cpu_s"][proc] for r in mine) * 1e6 / (args.n + args.warmup)
+                for proc in mine[0]["cpu_s"]},
         }
     ratios = {}
     if "arq" in summary:
@@ -150,10 +163,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = [{"system": label, "jobs/s e2e": s["median_jobs_per_s"],
              "wall s": s["median_wall_s"], "submit jobs/s": s["median_submit_jobs_per_s"],
              "verified": s["verified"],
+             "cpu us/job": " ".join(f"{k}={v:.0f}" for k, v in s["cpu_us_per_job"].items()),
              "vs arq": f"{ratios[label]:.2f}" if label in ratios else ""}
             for label, s in summary.items()]
     print_table(f"io.echo end to end, N={args.n}, {args.repeats} run(s) each (median)",
-                ["system", "jobs/s e2e", "wall s", "submit jobs/s", "verified", "vs arq"], rows)
+                ["system", "jobs/s e2e", "wall s", "submit jobs/s", "verified", "vs arq",
+                 "cpu us/job"], rows)
     for label, ratio in ratios.items():
         print(f"{label} / arq: {verdict(ratio, TARGET)}")
     return {

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(modules)
     args = parser.parse_args(argv)
     chosen = modules if args.benchmark == "all" else [
-        m for m in modules if m.NAME == args.benchmark]
+        m for m in modules if args.benchmark == m.NAME]
     for module in chosen:
         module_args = args
         if args.benchmark == "all":

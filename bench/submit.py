@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import urllib.request
+from functools import partial
 from typing import Any
 
 from bench.common import (
@@ -95,10 +96,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         urls = {"corefleet": f"http://127.0.0.1:{cf_port}",
                 "bare_lpush": f"http://127.0.0.1:{bare_port}"}
         try:
-            for name, proc in servers.items():
+            for proc in servers.values():
                 proc.start()
             for name, proc in servers.items():
-                proc.wait_ready(lambda u=urls[name]: http_ok(u + "/healthz"))
+                health = urls[name] + "/healthz"
+                proc.wait_ready(partial(http_ok, health))
                 status = post_once(urls[name] + "/v1/jobs")
                 if status != 202:
                     raise RuntimeError(f"{name}: POST /v1/jobs answered {status}, not 202")

@@ -114,8 +114,14 @@ class Stack:
         env = dict(os.environ, COREFLEET_REDIS_URL=self.redis_url)
         gw = self.settings.gateway
         gateway = self.start_child("gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
+        self.start_child("worker", [sys.executable, "-m", "clients.cli", "worker"], env)
+        fl = self.settings.flower
+        flower = self.start_child("flower", [sys.executable, "-m", "clients.cli", "flower"], env)
         health = f"http://{gw.host}:{gw.port}/healthz"
         _wait_until(lambda: _http_ok(health), 60, "the gateway", gateway)
+        _wait_until(
+            lambda: _http_ok(f"http://{fl.host}:{fl.port}/healthcheck"), 60, "Flower", flower
+        )
 
     def stop(self) -> None:
         # Reverse order: the gateway and workers finish with Redis still there.
@@ -133,7 +139,7 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def banner(self) -> str:
-        gw = self.settings.gateway
+        gw, fl = self.settings.gateway, self.settings.flower
         base = f"http://{gw.host}:{gw.port}"
         return "\n".join(
             [
@@ -142,6 +148,9 @@ class Stack:
                 f"  redis      {self.redis_url}  ({self.redis_origin})",
                 f"  io worker  embedded in the gateway"
                 f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
+                f"  worker     Celery prefork, queues {','.join(self.settings.celery.queues)}",
+                f"  flower     http://{fl.host}:{fl.port}"
+                f"{'  (basic auth)' if fl.basic_auth else ''}",
                 "Ctrl-C stops everything.",
             ]
         )

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from service.app import create_app
 from service.settings import IoWorkerSettings, Settings
-from tests.procs import RedisServer
+from tests.procs import Proc, RedisServer, alive, env_with, process_tree, wait_until
 
 TEST_TASKS = "tests.fleet_tasks"
 
@@ -111,3 +111,50 @@ async def wait_state(redis: aioredis.Redis, job_id: str, *states: str, within: f
                 await pubsub.get_message(timeout=within)
     finally:
         await pubsub.aclose()
+
+
+class CeleryWorker:
+    """A real `corefleet worker` (Celery prefork, 2 children) for the whole session."""
+
+    def __init__(self, redis_server: RedisServer, data_dir: str) -> None:
+        self.env = env_with(
+            COREFLEET_REDIS_URL=redis_server.url,
+            COREFLEET_TASK_MODULES=TEST_TASKS,
+            COREFLEET_DATA_DIR=data_dir,
+            COREFLEET_LOG_LEVEL="WARNING",
+        )
+        self.proc = Proc(["worker", "--concurrency", "2"], self.env)
+        self.redis_url = redis_server.url
+
+    def children(self) -> set[int]:
+        return process_tree(self.proc.pid) - {self.proc.pid}
+
+
+@pytest.fixture(scope="session")
+def celery_worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CeleryWorker]:
+    worker = CeleryWorker(redis_server, str(tmp_path_factory.mktemp("worker-data")))
+    # Ready when both children exist and the main process answers a broadcast ping.
+    wait_until(
+        lambda: len(worker.children()) >= 2 and _celery_ping(worker.redis_url), 60, "celery worker"
+    )
+    yield worker
+    worker.proc.stop()
+
+
+def _celery_ping(redis_url: str) -> bool:
+    from service.engines.celery_ import make_celery_app
+
+    app = make_celery_app(Settings(redis_url=redis_url))
+    try:
+        return bool(app.control.ping(timeout=0.5))
+    finally:
+        app.close()
+
+
+async def wait_gone(pid: int, within: float = 30) -> None:
+    """Wait until process ``pid`` has exited (a kill is not instant)."""
+    async with asyncio.timeout(within):
+        while alive(pid):  # noqa: ASYNC110  # another process's death has no event here
+            await asyncio.sleep(0.05)  # sleep-ok: polling a process that is being killed

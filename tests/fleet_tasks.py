@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -58,3 +61,31 @@ async def typed(
 ) -> str:
     """Accept one argument of each checked type."""
     return "ok"
+
+
+def _sync_redis() -> Any:
+    import redis
+
+    return redis.Redis.from_url(os.environ["COREFLEET_REDIS_URL"], decode_responses=True)
+
+
+@task("test.cpu_hold", kind="cpu")
+def cpu_hold(seconds: float, ctx: TaskContext) -> int:
+    """Record this attempt and the child's pid, block ``seconds``, return the attempt."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    time.sleep(seconds)  # the point of the task: keep a worker child busy
+    return ctx.attempt
+
+
+@task("test.cpu_die", kind="cpu", max_retries=2)
+def cpu_die(ctx: TaskContext) -> None:
+    """Kill the process running it, on every attempt."""
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task("test.cpu_boom", kind="cpu")
+def cpu_boom(message: str) -> None:
+    """Raise a KeyError in a worker process."""
+    raise KeyError(message)

@@ -14,11 +14,13 @@ from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree,
 
 
 def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
-    """up → embedded Redis + gateway; a job succeeds; SIGINT leaves no process alive."""
-    redis_port, port = free_port(), free_port()
+    """up → embedded Redis, gateway, worker, Flower; io and cpu jobs succeed; SIGINT cleans up."""
+    redis_port, port, flower_port = free_port(), free_port(), free_port()
     env = env_with(
         COREFLEET_REDIS_PORT=str(redis_port),
         COREFLEET_PORT=str(port),
+        COREFLEET_FLOWER_PORT=str(flower_port),
+        COREFLEET_WORKER_CONCURRENCY="1",
         COREFLEET_DATA_DIR=str(tmp_path / "data"),
     )
     env.pop("COREFLEET_REDIS_URL", None)
@@ -37,7 +39,9 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         assert f"redis://127.0.0.1:{redis_port}/0  (embedded" in banner
         assert (tmp_path / "data" / "redis").is_dir()
         tree = process_tree(proc.pid)
-        assert len(tree) >= 3  # up, the embedded Redis, the gateway
+        assert f"flower     http://127.0.0.1:{flower_port}" in banner
+        assert http_ok(f"http://127.0.0.1:{flower_port}/healthcheck")
+        assert len(tree) >= 5  # up, the embedded Redis, the gateway, the worker, Flower
         request = urllib.request.Request(
             url + "/v1/jobs",
             data=json.dumps({"task": "io.echo", "args": ["hi"]}).encode(),
@@ -49,6 +53,17 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=30", timeout=40) as resp:
             done = json.loads(resp.read())
         assert done["state"] == "succeeded" and done["result"] == "hi"
+        request = urllib.request.Request(
+            url + "/v1/jobs",
+            data=json.dumps({"task": "cpu.count_primes", "args": [100]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            job = json.loads(resp.read())
+        with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=60", timeout=70) as resp:
+            done = json.loads(resp.read())
+        assert done["state"] == "succeeded" and done["result"] == 25
         tree = process_tree(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
