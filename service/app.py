@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service import ids
 from service.engines import build_engines
-from service.engines.asyncio_ import IoWorker, consumer_name
+from service.engines.asyncio_ import StreamConsumer, consumer_name, io_worker
 from service.engines.base import Engine
 from service.errors import (
     InvalidBody,
@@ -45,7 +45,7 @@ STORE = web.AppKey("store", JobStore)
 HUB = web.AppKey("hub", EventHub)
 ENGINES = web.AppKey("engines", dict[str, Engine])
 SUBMITTER = web.AppKey("submitter", Submitter)
-IO_WORKER = web.AppKey("io_worker", IoWorker)
+IO_WORKER = web.AppKey("io_worker", StreamConsumer)
 
 MAX_BATCH = 1000
 
@@ -103,7 +103,7 @@ async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     name = consumer_name()
     runner = JobRunner(app[STORE], app[REGISTRY], worker_id=name)
-    worker = IoWorker(app[REDIS], runner, settings.io, name=name)
+    worker = io_worker(app[REDIS], runner, settings.io, name=name)
     app[IO_WORKER] = worker
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop, grace_s=5.0))

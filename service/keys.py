@@ -20,6 +20,6 @@ def stream(queue: str) -> str:
     return f"{PREFIX}stream:{queue}"
 
 
-def io_workers(queue: str) -> str:
-    """Sorted set of io workers consuming ``queue``, scored by when each last checked in."""
-    return f"{PREFIX}io-workers:{queue}"
+def consumers(queue: str) -> str:
+    """Sorted set of the consumers of stream ``queue``, scored by when each last checked in."""
+    return f"{PREFIX}consumers:{queue}"

@@ -9,7 +9,7 @@ import signal
 from aiohttp import web
 
 from service.app import create_app
-from service.engines.asyncio_ import IoWorker, consumer_name
+from service.engines.asyncio_ import consumer_name, io_worker
 from service.runner import JobRunner
 from service.settings import Settings
 from service.store import JobStore, connect
@@ -38,7 +38,7 @@ async def _io_worker(settings: Settings) -> None:
     name = consumer_name()
     store = JobStore(redis, settings.job_ttl_s)
     runner = JobRunner(store, Registry.load(settings.task_modules), worker_id=name)
-    worker = IoWorker(redis, runner, settings.io, name=name)
+    worker = io_worker(redis, runner, settings.io, name=name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

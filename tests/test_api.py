@@ -185,7 +185,7 @@ async def test_queues_report_waiting_jobs_and_no_worker(bare_gateway: Gateway) -
 async def test_queues_count_live_io_workers(gateway: Gateway, redis: aioredis.Redis) -> None:
     """The gateway's embedded io worker checks in and is counted."""
     async with asyncio.timeout(10):
-        while not await redis.zcard("cf:io-workers:io"):  # noqa: ASYNC110  # another task's write
+        while not await redis.zcard("cf:consumers:io"):  # noqa: ASYNC110  # another task's write
             await asyncio.sleep(0.05)  # sleep-ok: the worker checks in on start
     _status, body = await gateway.call("GET", "/v1/queues")
     assert body["engines"]["asyncio"]["queues"]["io"]["workers"] == 1

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -86,7 +87,7 @@ async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
                 running = int(group["pending"])
                 waiting = int(group.get("lag") or 0)
     since = time.time() - WORKER_SILENCE_S
-    workers = await redis.zcount(keys.io_workers(queue), since, "+inf")
+    workers = await redis.zcount(keys.consumers(queue), since, "+inf")
     return {"waiting": waiting, "running": running, "workers": int(workers)}
 
 
@@ -94,25 +95,42 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
-class IoWorker:
-    """Reads io jobs from Redis Streams and runs them concurrently on this event loop."""
+def io_worker(
+    redis: aioredis.Redis, runner: JobRunner, settings: IoWorkerSettings, name: str | None = None
+) -> StreamConsumer:
+    """An io worker: a stream consumer that runs each job's runner on this event loop."""
+    consumer = StreamConsumer(redis, runner.run, settings, name)
+    runner.is_cancelled = consumer.is_cancelled
+    return consumer
+
+
+class StreamConsumer:
+    """Reads job ids from Redis Streams and hands each to ``execute``, many at once.
+
+    The io worker's ``execute`` runs the job runner on this loop; the Ray and Dask engines'
+    ``execute`` carries the job to their cluster and waits for it. Either way an entry is
+    acknowledged only once ``execute`` returned, and cancelling the job cancels ``execute``.
+    """
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        runner: JobRunner,
+        execute: Callable[[str], Awaitable[object]],
         settings: IoWorkerSettings,
         name: str | None = None,
     ) -> None:
         self.redis = redis
-        self.runner = runner
+        self.execute = execute
         self.settings = settings
         self.name = name or consumer_name()
         # job id -> (asyncio task, stream, entry id) for every job this worker holds
         self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
         self._cancelled: set[str] = set()
         self._slot_freed = asyncio.Event()
-        runner.is_cancelled = self._cancelled.__contains__
+
+    def is_cancelled(self, job_id: str) -> bool:
+        """Whether a cancel for ``job_id`` reached this consumer while it held the job."""
+        return job_id in self._cancelled
 
     @property
     def held(self) -> int:
@@ -141,7 +159,7 @@ class IoWorker:
             await self._drain(grace_s)
             with contextlib.suppress(*_REDIS_DOWN):
                 for queue in self.settings.queues:
-                    await self.redis.zrem(keys.io_workers(queue), self.name)
+                    await self.redis.zrem(keys.consumers(queue), self.name)
 
     async def _read(self, stop: asyncio.Event) -> None:
         streams: dict[Any, Any] = {keys.stream(q): ">" for q in self.settings.queues}
@@ -184,7 +202,7 @@ class IoWorker:
     async def _run_one(self, stream: str, entry_id: str, job_id: str) -> None:
         done = False
         try:
-            await self.runner.run(job_id)
+            await self.execute(job_id)
             done = True
         except asyncio.CancelledError:
             # A user's cancel is final (the record says cancelled); a shutdown is not, and
@@ -193,7 +211,7 @@ class IoWorker:
             if not done:
                 raise
         except Exception:
-            log.exception("runner failed on job %s; it will be delivered again", job_id)
+            log.exception("job %s could not be run; it will be delivered again", job_id)
         finally:
             self._held.pop(job_id, None)
             self._cancelled.discard(job_id)
@@ -231,8 +249,8 @@ class IoWorker:
     async def _check_in(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for queue in self.settings.queues:
-            pipe.zadd(keys.io_workers(queue), {self.name: time.time()})
-            pipe.zremrangebyscore(keys.io_workers(queue), 0, time.time() - 4 * WORKER_SILENCE_S)
+            pipe.zadd(keys.consumers(queue), {self.name: time.time()})
+            pipe.zremrangebyscore(keys.consumers(queue), 0, time.time() - 4 * WORKER_SILENCE_S)
         await pipe.execute()
 
     async def _renew(self) -> None:
