@@ -20,9 +20,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from service import keys
+from service.batching import Batcher
 from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
 
-_LUA = Path(__file__).parent / "lua"
+LUA_DIR = Path(__file__).parent / "lua"
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -32,7 +33,6 @@ def connect(url: str) -> aioredis.Redis:
         decode_responses=True,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=30,
     )
 
 
@@ -49,8 +49,9 @@ class JobStore:
     def __init__(self, redis: aioredis.Redis, job_ttl_s: int) -> None:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
-        self._transition = redis.register_script((_LUA / "transition.lua").read_text())
-        self._begin = redis.register_script((_LUA / "begin.lua").read_text())
+        self.batch = Batcher(
+            redis, {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("transition", "begin")}
+        )
 
     async def create(self, jobs: list[Job], enqueue: Callable[[Pipeline, Job], None]) -> None:
         """Store new jobs and hand them to their transport in one MULTI round trip."""
@@ -68,9 +69,10 @@ class JobStore:
     async def begin(self, job_id: str, worker: str) -> Begun:
         """Count an attempt and mark the job running, unless it must not run."""
         lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
-        reply = await self._begin(
-            keys=[keys.job(job_id)],
-            args=[
+        reply = await self.batch.script(
+            "begin",
+            [keys.job(job_id)],
+            [
                 job_id,
                 now_iso(),
                 worker,
@@ -96,9 +98,10 @@ class JobStore:
             flat += [name, value]
         ttl = self.job_ttl_s if to.terminal else 0
         allowed = ",".join(s.value for s in ALLOWED_FROM[to]) or "-"
-        moved, previous = await self._transition(
-            keys=[keys.job(job_id)],
-            args=[job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
+        moved, previous = await self.batch.script(
+            "transition",
+            [keys.job(job_id)],
+            [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
         )
         return bool(moved), JobState(previous) if previous else None
 

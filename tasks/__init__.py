@@ -8,6 +8,7 @@ tests never have to reset shared state.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
@@ -50,7 +51,7 @@ class TaskSpec:
 
     @property
     def takes_ctx(self) -> bool:
-        return "ctx" in inspect.signature(self.fn).parameters
+        return "ctx" in _full_signature(self.fn).parameters
 
     @property
     def max_attempts(self) -> int:
@@ -58,11 +59,7 @@ class TaskSpec:
 
     def signature(self) -> inspect.Signature:
         """The signature callers fill in: the function's, without ``ctx``."""
-        try:
-            sig = inspect.signature(self.fn, eval_str=True)
-        except NameError:  # an annotation that does not resolve: show it as written
-            sig = inspect.signature(self.fn)
-        return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "ctx"])
+        return _call_signature(self.fn)
 
     def describe(self) -> dict[str, Any]:
         params = []
@@ -166,6 +163,22 @@ class Registry:
 
 
 # --- argument checking -------------------------------------------------------------------
+# Signatures and hints are worked out once per function: every submit checks against them.
+
+
+@functools.cache
+def _full_signature(fn: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(fn, eval_str=True)
+    except NameError:  # an annotation that does not resolve: show it as written
+        return inspect.signature(fn)
+
+
+@functools.cache
+def _call_signature(fn: Callable[..., Any]) -> inspect.Signature:
+    sig = _full_signature(fn)
+    return sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "ctx"])
+
 
 _SIMPLE: dict[type, tuple[type, ...]] = {
     int: (int,),
@@ -177,6 +190,7 @@ _SIMPLE: dict[type, tuple[type, ...]] = {
 }
 
 
+@functools.cache
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn)

@@ -25,10 +25,12 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import keys
+from service.batching import Batcher
 from service.events import listen
 from service.jobs import Job
 from service.runner import JobRunner
 from service.settings import IoWorkerSettings
+from service.store import LUA_DIR
 
 log = logging.getLogger("corefleet.io")
 
@@ -127,6 +129,7 @@ class StreamConsumer:
         self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
         self._cancelled: set[str] = set()
         self._slot_freed = asyncio.Event()
+        self._batch = Batcher(redis, {"ack": (LUA_DIR / "ack.lua").read_text()})
 
     def is_cancelled(self, job_id: str) -> bool:
         """Whether a cancel for ``job_id`` reached this consumer while it held the job."""
@@ -221,10 +224,7 @@ class StreamConsumer:
 
     async def _ack(self, stream: str, entry_id: str) -> None:
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(stream, keys.IO_GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-            await pipe.execute()
+            await self._batch.script("ack", [stream], [keys.IO_GROUP, entry_id])
         except _REDIS_DOWN as exc:
             # The entry stays pending; whoever claims it finds the job finished and acks.
             log.warning("could not acknowledge %s (%s)", entry_id, exc)
