@@ -10,10 +10,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -37,6 +36,16 @@ def connect(url: str) -> aioredis.Redis:
 
 
 @dataclass(frozen=True)
+class Dispatch:
+    """Where a new job's queue entry goes: ``xadd`` its id to a stream, or ``lpush`` a
+    message to a list (Celery's queues)."""
+
+    op: Literal["xadd", "lpush"]
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
 class Begun:
     """What ``JobStore.begin`` found: run ``job``, or don't (``job`` is None)."""
 
@@ -50,16 +59,29 @@ class JobStore:
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         self.batch = Batcher(
-            redis, {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("transition", "begin")}
+            redis,
+            {
+                name: (LUA_DIR / f"{name}.lua").read_text()
+                for name in ("create", "transition", "begin")
+            },
         )
 
-    async def create(self, jobs: list[Job], enqueue: Callable[[Pipeline, Job], None]) -> None:
-        """Store new jobs and hand them to their transport in one MULTI round trip."""
-        pipe = self.redis.pipeline(transaction=True)
+    async def create(self, jobs: list[Job], dispatch: Callable[[Job], Dispatch]) -> None:
+        """Store new jobs and queue them, all or none, in one script call.
+
+        ``dispatch`` says where each job's queue entry goes; it may refuse a job (raise)
+        before anything is written.
+        """
+        script_keys: list[str] = []
+        args: list[Any] = []
         for job in jobs:
-            pipe.hset(keys.job(job.id), mapping=job.to_hash())
-            enqueue(pipe, job)
-        await pipe.execute()
+            where = dispatch(job)
+            fields = job.to_hash()
+            script_keys += [keys.job(job.id), where.key]
+            args += [where.op, where.value, len(fields)]
+            for name, value in fields.items():
+                args += [name, value]
+        await self.batch.script("create", script_keys, args)
 
     async def get(self, job_id: str) -> Job | None:
         # redis-py types each command for its sync and async clients at once.

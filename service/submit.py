@@ -104,7 +104,7 @@ class Submitter:
         return (await self.submit_many([body]))[0]
 
     async def submit_many(self, bodies: list[Any]) -> list[Job]:
-        """Validate every job first, then store and queue them all in one MULTI."""
+        """Validate every job first, then store and queue them all in one script call."""
         jobs = [self.prepare(body) for body in bodies]
-        await self.store.create(jobs, lambda pipe, job: self.engines[job.engine].submit(pipe, job))
+        await self.store.create(jobs, lambda job: self.engines[job.engine].dispatch(job))
         return jobs

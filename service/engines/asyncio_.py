@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,7 +29,7 @@ from service.events import listen
 from service.jobs import Job
 from service.runner import JobRunner
 from service.settings import IoWorkerSettings
-from service.store import LUA_DIR
+from service.store import LUA_DIR, Dispatch
 
 log = logging.getLogger("corefleet.io")
 
@@ -50,8 +49,8 @@ class AsyncioEngine:
         for queue in self.queues:
             await ensure_group(self.redis, queue)
 
-    def submit(self, pipe: Pipeline, job: Job) -> None:
-        pipe.xadd(keys.stream(job.queue), {"id": job.id})
+    def dispatch(self, job: Job) -> Dispatch:
+        return Dispatch("xadd", keys.stream(job.queue), job.id)
 
     async def cancel(self, job: Job) -> None:
         # Nothing to do here: the cancel transition publishes on keys.CANCEL, and the worker

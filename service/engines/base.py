@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from redis.asyncio.client import Pipeline
-
 from service.jobs import Job
+from service.store import Dispatch
 
 
 class Engine(Protocol):
@@ -17,8 +16,10 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Connect (or start the local engine); called once before the first submit."""
 
-    def submit(self, pipe: Pipeline, job: Job) -> None:
-        """Queue ``job`` in the same MULTI that stores its record, so both land or neither."""
+    def dispatch(self, job: Job) -> Dispatch:
+        """Where ``job``'s queue entry goes; written with its record, both or neither.
+
+        Raise a ``CorefleetError`` to refuse the job (nothing is written then)."""
 
     async def cancel(self, job: Job) -> None:
         """Interrupt ``job`` if it is running; the store already records it as cancelled."""

@@ -18,11 +18,11 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import Settings
+from service.store import Dispatch
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -136,7 +136,7 @@ class CeleryEngine:
     async def start(self) -> None:
         return None
 
-    def submit(self, pipe: Pipeline, job: Job) -> None:
+    def dispatch(self, job: Job) -> Dispatch:
         limit = time_limit(job, self.settings)
         ceiling = visibility_timeout(self.settings) - VISIBILITY_MARGIN_S
         if limit > ceiling:
@@ -145,7 +145,7 @@ class CeleryEngine:
                 "(raise COREFLEET_VISIBILITY_TIMEOUT_S)",
                 {"max_timeout_s": ceiling},
             )
-        pipe.lpush(job.queue, task_message(job, limit))
+        return Dispatch("lpush", job.queue, task_message(job, limit))
 
     async def cancel(self, job: Job) -> None:
         # Terminate the child running it; should the message come back, the runner sees
