@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrency=settings.celery.concurrency,
                 max_tasks_per_child=settings.celery.max_tasks_per_child,
                 max_memory_per_child_kb=settings.celery.max_memory_per_child_kb,
+                gpu=args.gpu,
             )
             return 0
         if args.command == "flower":

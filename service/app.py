@@ -20,6 +20,7 @@ from service import ids
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, io_worker
 from service.engines.base import Engine
+from service.engines.ray_ import HeavyDispatcher
 from service.errors import (
     InvalidBody,
     InvalidJobId,
@@ -46,6 +47,7 @@ HUB = web.AppKey("hub", EventHub)
 ENGINES = web.AppKey("engines", dict[str, Engine])
 SUBMITTER = web.AppKey("submitter", Submitter)
 IO_WORKER = web.AppKey("io_worker", StreamConsumer)
+HEAVY = web.AppKey("heavy", HeavyDispatcher)
 
 MAX_BATCH = 1000
 
@@ -61,6 +63,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.cleanup_ctx.append(_engines_ctx)
     if settings.gateway.embedded_io_worker:
         app.cleanup_ctx.append(_io_worker_ctx)
+    app.cleanup_ctx.append(_heavy_ctx)
     app.router.add_post("/v1/jobs", submit_job)
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
@@ -107,6 +110,19 @@ async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     app[IO_WORKER] = worker
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop, grace_s=5.0))
+    yield
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The gateway is the Ray driver and Dask client: it dispatches heavy jobs itself.
+    engines: dict[str, Engine] = app[ENGINES]
+    dispatcher = HeavyDispatcher(app[REDIS], app[STORE], app[REGISTRY], engines, app[SETTINGS])
+    app[HEAVY] = dispatcher
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop, grace_s=5.0))
     yield
     stop.set()
     with contextlib.suppress(asyncio.CancelledError):

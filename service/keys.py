@@ -23,3 +23,7 @@ def stream(queue: str) -> str:
 def consumers(queue: str) -> str:
     """Sorted set of the consumers of stream ``queue``, scored by when each last checked in."""
     return f"{PREFIX}consumers:{queue}"
+
+
+#: Hash: worker name -> JSON of what the worker says about itself (queues, GPUs, ...).
+WORKER_INFO = PREFIX + "worker-info"

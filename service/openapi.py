@@ -48,6 +48,7 @@ _SUBMIT = {
                 "timeout_s": {"type": "number", "exclusiveMinimum": 0},
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
+                "require_worker": {"type": "boolean"},
             },
         },
     },

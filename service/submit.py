@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from service import ids
+from service import ids, presence
 from service.engines.base import Engine
 from service.errors import EngineUnavailable, InvalidArguments, InvalidBody, UnknownTask
 from service.jobs import Job, now_iso
@@ -21,13 +21,14 @@ _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
+#: The job options a submit may carry.
+OPTIONS = ("max_attempts", "queue", "require_worker", "timeout_s")
+
+
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - {"timeout_s", "max_attempts", "queue"})
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise InvalidBody(
-            f"unknown option(s): {', '.join(unknown)}",
-            {"allowed": ["max_attempts", "queue", "timeout_s"]},
-        )
+        raise InvalidBody(f"unknown option(s): {', '.join(unknown)}", {"allowed": list(OPTIONS)})
     timeout = options.get("timeout_s")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
@@ -41,6 +42,8 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     queue = options.get("queue")
     if queue is not None and (not isinstance(queue, str) or not _QUEUE_RE.match(queue)):
         raise InvalidBody("options.queue must be 1 to 64 letters, digits or _.:-")
+    if not isinstance(options.get("require_worker", False), bool):
+        raise InvalidBody("options.require_worker must be true or false")
     return options
 
 
@@ -100,11 +103,23 @@ class Submitter:
             created_at=now_iso(),
         )
 
+    async def _require_worker(self, job: Job) -> None:
+        """Refuse a job that asked for a live worker when its queue has none."""
+        if not await presence.live(self.store.redis, job.queue):
+            raise EngineUnavailable(
+                f"no worker is consuming queue {job.queue!r} now, and the job asked for one "
+                "(require_worker)",
+                {"queue": job.queue, "engine": job.engine},
+            )
+
     async def submit(self, body: Any) -> Job:
         return (await self.submit_many([body]))[0]
 
     async def submit_many(self, bodies: list[Any]) -> list[Job]:
         """Validate every job first, then store and queue them all in one script call."""
         jobs = [self.prepare(body) for body in bodies]
+        for job in jobs:
+            if job.options.get("require_worker"):
+                await self._require_worker(job)
         await self.store.create(jobs, lambda job: self.engines[job.engine].dispatch(job))
         return jobs

@@ -21,6 +21,7 @@ from types import FrameType
 
 import redis
 
+from service.gpus import Gpu, visible_gpus
 from service.settings import Settings
 
 STOP_GRACE_S = 15.0
@@ -81,6 +82,7 @@ class Stack:
     children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
     redis_url: str = ""
     redis_origin: str = ""
+    gpus: list[Gpu] = field(default_factory=list)
 
     def start_child(
         self, name: str, argv: list[str], env: dict[str, str]
@@ -115,6 +117,14 @@ class Stack:
         gw = self.settings.gateway
         gateway = self.start_child("gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
         self.start_child("worker", [sys.executable, "-m", "clients.cli", "worker"], env)
+        self.gpus = visible_gpus()
+        gpu_env = dict(env)
+        if not self.gpus:
+            # No GPU here: gpu jobs still run, on the CPU, and say so in their results.
+            gpu_env["COREFLEET_GPU_FALLBACK"] = "cpu"
+        self.start_child(
+            "gpu worker", [sys.executable, "-m", "clients.cli", "worker", "--gpu"], gpu_env
+        )
         fl = self.settings.flower
         flower = self.start_child("flower", [sys.executable, "-m", "clients.cli", "flower"], env)
         health = f"http://{gw.host}:{gw.port}/healthz"
@@ -149,6 +159,12 @@ class Stack:
                 f"  io worker  embedded in the gateway"
                 f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
                 f"  worker     Celery prefork, queues {','.join(self.settings.celery.queues)}",
+                "  gpu worker "
+                + (
+                    ", ".join(f"{g.id}: {g.name}" for g in self.gpus)
+                    if self.gpus
+                    else "no GPU found: gpu jobs run on the CPU (COREFLEET_GPU_FALLBACK=cpu)"
+                ),
                 f"  flower     http://{fl.host}:{fl.port}"
                 f"{'  (basic auth)' if fl.basic_auth else ''}",
                 "Ctrl-C stops everything.",

@@ -24,7 +24,7 @@ __all__ = ["BUILTIN_MODULES", "Registry", "TaskContext", "TaskSpec", "task"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Modules of built-in tasks; each imports its heavy libraries only inside the tasks.
-BUILTIN_MODULES = ("tasks.io", "tasks.cpu")
+BUILTIN_MODULES = ("tasks.io", "tasks.cpu", "tasks.gpu", "tasks.heavy")
 
 KINDS = ("io", "cpu", "heavy", "gpu")
 DEFAULT_ENGINE = {"io": "asyncio", "cpu": "celery", "heavy": "ray", "gpu": "celery"}

@@ -40,3 +40,11 @@ def points_in_circle(samples: int, seed: int) -> int:
         if x * x + y * y <= 1.0:
             hits += 1
     return hits
+
+
+@numba.njit(cache=True, parallel=True)
+def saxpy_cpu(a: Any, x: Any, y: Any) -> Any:
+    out = np.empty_like(x)
+    for i in numba.prange(x.size):
+        out[i] = a * x[i] + y[i]
+    return out

@@ -89,3 +89,44 @@ def cpu_die(ctx: TaskContext) -> None:
 def cpu_boom(message: str) -> None:
     """Raise a KeyError in a worker process."""
     raise KeyError(message)
+
+
+# --- heavy (Ray and Dask) ----------------------------------------------------------------
+
+
+@task("test.ray_hold", kind="heavy")
+def ray_hold(seconds: float, ctx: TaskContext) -> int:
+    """Record this attempt and the Ray worker's pid, block ``seconds``, return the attempt."""
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    time.sleep(seconds)  # the point of the task: a running Ray task that ignores ctx
+    return ctx.attempt
+
+
+@task("test.ray_boom", kind="heavy")
+def ray_boom(message: str) -> None:
+    """Raise an OverflowError inside a Ray task."""
+    raise OverflowError(message)
+
+
+@task("test.dask_boom", kind="heavy", engine="dask")
+def dask_boom(message: str) -> None:
+    """Raise a LookupError inside a Dask task."""
+    raise LookupError(message)
+
+
+@task("test.dask_until_cancelled", kind="heavy", engine="dask")
+def dask_until_cancelled(ctx: TaskContext) -> str:
+    """Poll ``ctx.cancelled()`` on a Dask worker; record when it turns true."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not ctx.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the cooperative-cancel loop a Dask task is expected to run
+    client.rpush(f"test:saw_cancel:{ctx.job_id}", str(ctx.cancelled()))
+    return "stopped"
+
+
+@task("test.gpu_env", kind="gpu")
+def gpu_env() -> dict[str, Any]:
+    """Which device this gpu worker child was pinned to, and which child it is."""
+    return {"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}

@@ -7,6 +7,8 @@ import redis.asyncio as aioredis
 from service.engines.asyncio_ import AsyncioEngine
 from service.engines.base import Engine
 from service.engines.celery_ import CeleryEngine
+from service.engines.dask_ import DaskEngine
+from service.engines.ray_ import RayEngine
 from service.settings import Settings
 
 
@@ -15,4 +17,6 @@ def build_engines(redis: aioredis.Redis, settings: Settings) -> dict[str, Engine
     return {
         "asyncio": AsyncioEngine(redis, settings.io.queues),
         "celery": CeleryEngine(redis, settings),
+        "ray": RayEngine(redis, settings),
+        "dask": DaskEngine(redis, settings),
     }

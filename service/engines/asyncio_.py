@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import keys
+from service import keys, presence
 from service.batching import Batcher
 from service.events import listen
 from service.jobs import Job
@@ -75,10 +74,6 @@ async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
             raise
 
 
-#: A worker that has not checked in for this long no longer counts as consuming.
-WORKER_SILENCE_S = 15.0
-
-
 async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
     stream = keys.stream(queue)
     waiting = running = 0
@@ -87,9 +82,8 @@ async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
             if group["name"] == keys.IO_GROUP:
                 running = int(group["pending"])
                 waiting = int(group.get("lag") or 0)
-    since = time.time() - WORKER_SILENCE_S
-    workers = await redis.zcount(keys.consumers(queue), since, "+inf")
-    return {"waiting": waiting, "running": running, "workers": int(workers)}
+    workers = await presence.live(redis, queue)
+    return {"waiting": waiting, "running": running, "workers": len(workers)}
 
 
 def consumer_name() -> str:
@@ -160,8 +154,7 @@ class StreamConsumer:
             await asyncio.gather(reader, *helpers, return_exceptions=True)
             await self._drain(grace_s)
             with contextlib.suppress(*_REDIS_DOWN):
-                for queue in self.settings.queues:
-                    await self.redis.zrem(keys.consumers(queue), self.name)
+                await presence.leave(self.redis, self.name, self.settings.queues)
 
     async def _read(self, stop: asyncio.Event) -> None:
         streams: dict[Any, Any] = {keys.stream(q): ">" for q in self.settings.queues}
@@ -235,7 +228,7 @@ class StreamConsumer:
             held[0].cancel()
 
     async def _keep_leases(self) -> None:
-        period = min(self.settings.lease_s / 3, WORKER_SILENCE_S / 3)
+        period = min(self.settings.lease_s / 3, presence.PERIOD_S)
         while True:
             try:
                 await self._check_in()
@@ -246,11 +239,13 @@ class StreamConsumer:
             await asyncio.sleep(period)  # the lease period is the point of this loop
 
     async def _check_in(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in self.settings.queues:
-            pipe.zadd(keys.consumers(queue), {self.name: time.time()})
-            pipe.zremrangebyscore(keys.consumers(queue), 0, time.time() - 4 * WORKER_SILENCE_S)
-        await pipe.execute()
+        info = {
+            "kind": "stream",
+            "queues": list(self.settings.queues),
+            "concurrency": self.settings.concurrency,
+            "running": len(self._held),
+        }
+        await presence.check_in(self.redis, self.name, self.settings.queues, info)
 
     async def _renew(self) -> None:
         by_stream: dict[str, list[Any]] = {}

@@ -13,12 +13,12 @@ import asyncio
 import base64
 import json
 import os
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from service import presence
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import Settings
@@ -125,7 +125,6 @@ class CeleryEngine:
         self.redis = redis
         self.settings = settings
         self._app: Celery | None = None
-        self._workers: tuple[float, dict[str, list[str]]] = (0.0, {})
 
     @property
     def app(self) -> Celery:
@@ -152,27 +151,21 @@ class CeleryEngine:
         # the job is cancelled and skips it.
         await asyncio.to_thread(self.app.control.revoke, job.id, terminate=True, signal="SIGTERM")
 
-    async def workers(self) -> dict[str, list[str]]:
-        """Live workers by queue (asked over the broker; cached for a few seconds)."""
-        fetched_at, cached = self._workers
-        if time.monotonic() - fetched_at < 3:
-            return cached
-        replies = await asyncio.to_thread(
-            lambda: self.app.control.inspect(timeout=0.5).active_queues() or {}
-        )
-        by_queue: dict[str, list[str]] = {}
-        for worker, queues in replies.items():
-            for queue in queues:
-                by_queue.setdefault(queue["name"], []).append(worker)
-        self._workers = (time.monotonic(), by_queue)
-        return by_queue
+    async def workers(self, queue: str) -> list[dict[str, Any]]:
+        """The live workers of ``queue``, with their devices."""
+        return await presence.live(self.redis, queue)
 
     async def status(self) -> dict[str, Any]:
-        workers = await self.workers()
         queues: dict[str, Any] = {}
-        for queue in sorted({"cpu", "gpu", *workers}):
+        for queue in ("cpu", "gpu"):
             depth = await self.redis.llen(queue)  # type: ignore[misc]  # sync/async union
-            queues[queue] = {"waiting": int(depth), "workers": len(workers.get(queue, []))}
+            workers = await self.workers(queue)
+            queues[queue] = {"waiting": int(depth), "workers": len(workers)}
+            if queue == "gpu":
+                queues[queue]["devices"] = [
+                    {"worker": w["name"], **gpu} for w in workers for gpu in w.get("gpus", [])
+                ]
+                queues[queue]["cpu_fallback"] = any(w.get("gpu_fallback") for w in workers)
         return {"engine": self.name, "state": "connected", "queues": queues}
 
     async def close(self) -> None:

@@ -7,12 +7,18 @@ Each child process gets its own event loop, Redis connection and runner when it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
+from service import presence
 from service.engines.celery_ import CELERY_TASK, make_celery_app
+from service.gpus import Gpu, visible_gpus
 from service.jobs import JobError
 from service.runner import JobRunner
 from service.settings import Settings
@@ -30,8 +36,13 @@ class _Child:
     runner: JobRunner
 
 
-def build_worker_app(settings: Settings) -> Any:
-    """The Celery app with corefleet's task registered, as a worker runs it."""
+def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
+    """The Celery app with corefleet's task registered, as a worker runs it.
+
+    With ``gpus``, child ``i`` sees only ``gpus[i]``: its ``CUDA_VISIBLE_DEVICES`` is set
+    as it starts, before any code in it can touch CUDA.
+    """
+    from billiard.process import current_process
     from celery import Task
     from celery.exceptions import TimeLimitExceeded
     from celery.signals import worker_process_init, worker_process_shutdown
@@ -51,6 +62,9 @@ def build_worker_app(settings: Settings) -> Any:
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
     def _init_child(**_: Any) -> None:
+        if gpus:
+            # A replaced child keeps its index, so it gets the same device back.
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus[current_process().index % len(gpus)].id
         child["now"] = make_child()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
@@ -92,6 +106,36 @@ async def _record_failure(settings: Settings, job_id: str, error: JobError) -> N
         await redis.aclose()
 
 
+def worker_name(queues: tuple[str, ...]) -> str:
+    return f"corefleet-{'-'.join(queues)}-{os.getpid()}@{os.uname().nodename}"
+
+
+class _CheckIn(threading.Thread):
+    """Tells Redis every few seconds that this worker lives, and what it runs on."""
+
+    def __init__(
+        self, settings: Settings, name: str, queues: tuple[str, ...], info: dict[str, Any]
+    ) -> None:
+        super().__init__(name="corefleet-check-in", daemon=True)
+        self.client = redis.Redis.from_url(settings.redis, decode_responses=True)
+        self.worker, self.queues, self.info = name, queues, info
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                presence.check_in_sync(self.client, self.worker, self.queues, self.info)
+            except redis.RedisError as exc:
+                log.warning("cannot check in (%s)", exc)
+            self.stopped.wait(presence.PERIOD_S)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with contextlib.suppress(redis.RedisError):
+            presence.leave_sync(self.client, self.worker, self.queues)
+        self.client.close()
+
+
 def run_worker(
     settings: Settings,
     *,
@@ -99,10 +143,24 @@ def run_worker(
     concurrency: int,
     max_tasks_per_child: int = 0,
     max_memory_per_child_kb: int = 0,
+    gpu: bool = False,
 ) -> None:
     # Numba's on-disk cache, shared by every child, so a kernel compiles once per host.
     os.environ.setdefault("NUMBA_CACHE_DIR", str((settings.data_dir / "numba-cache").resolve()))
-    app = build_worker_app(settings)
+    gpus = visible_gpus() if gpu else []
+    if gpu:
+        # One child per visible GPU, each pinned to its own; on a host with none, one child
+        # that runs the CPU fallback (or fails jobs with NoGPU, as configured).
+        concurrency = len(gpus) or 1
+        os.environ["COREFLEET_GPU_FALLBACK"] = settings.engines.gpu_fallback
+        log.warning(
+            "gpu worker: %s; CPU fallback %s",
+            ", ".join(f"{g.id} {g.name}" for g in gpus) or "no GPU visible",
+            "on" if settings.engines.gpu_fallback == "cpu" else "off",
+        )
+    concurrency = concurrency or os.cpu_count() or 1
+    app = build_worker_app(settings, gpus)
+    name = worker_name(queues)
     argv = [
         "worker",
         "--pool",
@@ -110,12 +168,12 @@ def run_worker(
         "--queues",
         ",".join(queues),
         "--concurrency",
-        str(concurrency or os.cpu_count() or 1),
+        str(concurrency),
         "--loglevel",
         settings.log_level,
         "--events",
         "--hostname",
-        f"corefleet-{'-'.join(queues)}-{os.getpid()}@%h",
+        name,
         "--without-mingle",
         "--without-gossip",
     ]
@@ -123,4 +181,16 @@ def run_worker(
         argv += ["--max-tasks-per-child", str(max_tasks_per_child)]
     if max_memory_per_child_kb:
         argv += ["--max-memory-per-child", str(max_memory_per_child_kb)]
-    app.worker_main(argv)
+    info = {
+        "kind": "celery",
+        "queues": list(queues),
+        "concurrency": concurrency,
+        "gpus": [g.to_json() for g in gpus],
+        "gpu_fallback": settings.engines.gpu_fallback if gpu else "",
+    }
+    check_in = _CheckIn(settings, name, queues, info)
+    check_in.start()
+    try:
+        app.worker_main(argv)
+    finally:
+        check_in.stop()

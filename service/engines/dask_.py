@@ -1,0 +1,118 @@
+"""The Dask engine: tasks declared ``engine="dask"`` run the job runner on a Dask worker.
+
+Dask jobs share the heavy streams and the ``HeavyDispatcher`` with Ray (``ray_.py``);
+the dispatcher hands each to this engine, which submits one Dask task per job through an
+asynchronous ``distributed.Client``: to ``COREFLEET_DASK_ADDRESS``, or to a
+``LocalCluster`` (worker processes, one thread each) started by the first Dask job.
+
+Cancel: a future still queued on the scheduler is cancelled and never runs. Dask cannot
+stop a task that is running (its thread belongs to the worker), so a running Dask job is
+cancelled cooperatively: its record says ``cancelled`` at once, the task sees
+``ctx.cancelled()`` turn true (the worker reads the job's state from Redis) and should
+return; whatever it returns afterwards is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from service.engines.ray_ import ClusterEngine, WorkerConfig, run_job_here
+from service.jobs import Job
+from service.settings import EngineSettings, Settings
+from tasks import TaskSpec
+
+DASK_DASHBOARD = "127.0.0.1:8787"
+
+
+def run_in_dask(config: WorkerConfig, job_id: str) -> str | None:
+    """The Dask task every Dask job travels as."""
+    return run_job_here(config, job_id, "dask")
+
+
+def _local_dashboard() -> str | None:
+    # Dask serves its dashboard only with bokeh installed; without it, ask for none.
+    return DASK_DASHBOARD if importlib.util.find_spec("bokeh") is not None else None
+
+
+class DaskEngine(ClusterEngine):
+    name = "dask"
+    default_port = 8786
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        super().__init__(redis, settings, settings.engines.dask_address)
+        self._client: Any = None
+        self._cluster: Any = None
+        self._cancels: set[asyncio.Task[Any]] = set()
+
+    async def _connect(self) -> None:
+        from distributed import Client, LocalCluster
+
+        if self.address:
+            # distributed ships partial annotations; its constructors have none.
+            self._client = await Client(  # type: ignore[no-untyped-call]
+                self.address, asynchronous=True, timeout=10
+            )
+        else:
+            workers = self.settings.engines.dask_workers or os.cpu_count() or 1
+            self._cluster = await LocalCluster(  # type: ignore[no-untyped-call]  # as above
+                asynchronous=True,
+                processes=True,
+                n_workers=workers,
+                threads_per_worker=1,
+                dashboard_address=_local_dashboard(),
+            )
+            self._client = await Client(  # type: ignore[no-untyped-call]  # as above
+                self._cluster, asynchronous=True
+            )
+        with contextlib.suppress(Exception):  # no dashboard is not an error
+            services = self._client.scheduler_info().get("services", {})
+            if "dashboard" in services:
+                self.dashboard = str(self._client.dashboard_link)
+
+    async def _disconnect(self) -> None:
+        for task in list(self._cancels):
+            with contextlib.suppress(Exception):
+                await task
+        if self._client is not None:
+            await self._client.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+
+    def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+        # Resources (num_cpus, ...) are Ray's: a Dask worker is one thread, one task.
+        return self._client.submit(
+            run_in_dask,
+            self.config,
+            job.id,
+            key=f"{job.task}-{job.id}-{os.urandom(3).hex()}",
+            pure=False,
+            retries=0,
+        )
+
+    async def _wait(self, handle: Any) -> None:
+        await handle
+
+    def _interrupt(self, handle: Any, running: bool) -> None:
+        # Frees a queued task; a running one finishes in its thread (see the module doc).
+        task = asyncio.ensure_future(self._client.cancel([handle]))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+
+def dask_banner(engines: EngineSettings) -> str:
+    """The ``corefleet up`` line for Dask: local or remote, and the dashboard when on."""
+    if engines.dask_address:
+        return (
+            f"  dask       remote, scheduler {engines.dask_address} (its dashboard: "
+            "GET /v1/queues once connected)"
+        )
+    workers = f"{engines.dask_workers} workers" if engines.dask_workers else "a worker per core"
+    dashboard = _local_dashboard()
+    shown = f"dashboard http://{dashboard}" if dashboard else "dashboard off (needs bokeh)"
+    return f"  dask       local LocalCluster ({workers}), started by the first dask job; {shown}"

@@ -1,0 +1,74 @@
+"""Which workers are alive: each checks in every few seconds; silence means gone.
+
+One sorted set per queue (``keys.consumers``), scored by the last check-in time, plus one
+hash of what each worker says about itself (queues, concurrency, GPUs). io workers check
+in from their event loop, Celery workers from a thread of their main process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from service import keys
+
+#: A worker that has not checked in for this long no longer counts.
+SILENCE_S = 15.0
+#: How often a worker checks in.
+PERIOD_S = SILENCE_S / 3
+
+
+def _commands(name: str, queues: tuple[str, ...], info: dict[str, Any]) -> list[tuple[Any, ...]]:
+    now = time.time()
+    commands: list[tuple[Any, ...]] = [("HSET", keys.WORKER_INFO, name, json.dumps(info))]
+    for queue in queues:
+        commands.append(("ZADD", keys.consumers(queue), now, name))
+        commands.append(("ZREMRANGEBYSCORE", keys.consumers(queue), 0, now - 4 * SILENCE_S))
+    return commands
+
+
+async def check_in(
+    client: aioredis.Redis, name: str, queues: tuple[str, ...], info: dict[str, Any]
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for command in _commands(name, queues, info):
+        pipe.execute_command(*command)
+    await pipe.execute()
+
+
+def check_in_sync(
+    client: redis.Redis, name: str, queues: tuple[str, ...], info: dict[str, Any]
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for command in _commands(name, queues, info):
+        pipe.execute_command(*command)  # type: ignore[no-untyped-call]  # untyped in redis-py
+    pipe.execute()
+
+
+def leave_sync(client: redis.Redis, name: str, queues: tuple[str, ...]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zrem(keys.consumers(queue), name)
+    pipe.hdel(keys.WORKER_INFO, name)
+    pipe.execute()
+
+
+async def leave(client: aioredis.Redis, name: str, queues: tuple[str, ...]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zrem(keys.consumers(queue), name)
+    pipe.hdel(keys.WORKER_INFO, name)
+    await pipe.execute()
+
+
+async def live(client: aioredis.Redis, queue: str) -> list[dict[str, Any]]:
+    """The live workers of ``queue``, each with what it said about itself."""
+    names = await client.zrangebyscore(keys.consumers(queue), time.time() - SILENCE_S, "+inf")
+    if not names:
+        return []
+    infos = await client.hmget(keys.WORKER_INFO, names)  # type: ignore[misc]  # sync/async union
+    return [{"name": n, **(json.loads(i) if i else {})} for n, i in zip(names, infos, strict=True)]

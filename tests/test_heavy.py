@@ -1,0 +1,181 @@
+"""Heavy jobs on a real local Ray and a real Dask cluster, each started once per session."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from service.engines.ray_ import ray_options, start_ray
+from service.errors import InvalidBody
+from service.settings import EngineSettings, Settings
+from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
+from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
+from tests.procs import RedisServer, free_port
+
+
+@pytest.fixture(scope="session")
+def local_ray(redis_server: RedisServer) -> Iterator[None]:
+    """A local Ray of 2 CPUs in its own temp dir (after Redis: workers inherit its URL)."""
+    temp_dir = tempfile.mkdtemp(prefix="cf-ray-test-", dir="/tmp")
+    start_ray(EngineSettings(ray_cpus=2), temp_dir, log_to_driver=False)
+    yield
+    import ray
+
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(redis_server: RedisServer) -> Iterator[str]:
+    """A Dask LocalCluster of 2 single-thread worker processes; yields its address."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    )
+    yield str(cluster.scheduler_address)
+    cluster.close()
+
+
+@pytest.fixture
+async def heavy_gateway(
+    settings: Settings, redis: aioredis.Redis, local_ray: None, dask_scheduler: str
+) -> AsyncIterator[Gateway]:
+    engines = replace(settings.engines, dask_address=dask_scheduler)
+    server, session = await start_gateway(replace(settings, engines=engines))
+    yield Gateway(server, session)
+    await session.close()
+    await server.close()
+
+
+async def test_heavy_tasks_give_their_known_answers(
+    heavy_gateway: Gateway, dask_scheduler: str
+) -> None:
+    """heavy.pi, heavy.matmul_blocks (Ray) and heavy.array_stats (Dask) match NumPy."""
+    pi_job = await heavy_gateway.submit("heavy.pi", 200_000, 4, 7)
+    mm_job = await heavy_gateway.submit("heavy.matmul_blocks", 96, 32, 3)
+    st_job = await heavy_gateway.submit("heavy.array_stats", 250, 100, 5)
+    assert pi_job["engine"] == "ray" and st_job["engine"] == "dask"
+
+    pi = await heavy_gateway.wait(pi_job["id"], 60)
+    assert pi["state"] == "succeeded", pi
+    hits = sum(pi_chunk(size, 7, i) for i, size in enumerate(split(200_000, 4)))
+    assert pi["result"]["hits"] == hits and abs(pi["result"]["pi"] - math.pi) < 0.02
+
+    mm = await heavy_gateway.wait(mm_job["id"], 60)
+    assert mm["state"] == "succeeded", mm
+    a, b = seeded_matrices(96, 3)
+    assert mm["result"]["blocks"] == 9
+    assert mm["result"]["checksum"] == pytest.approx(float((a @ b).sum()), rel=1e-9)
+
+    st = await heavy_gateway.wait(st_job["id"], 60)
+    assert st["state"] == "succeeded", st
+    sizes = block_sizes(250, 100)
+    whole = np.block(
+        [[random_block(5, i, j, r, c) for j, c in enumerate(sizes)] for i, r in enumerate(sizes)]
+    )
+    assert st["result"]["mean"] == pytest.approx(float(whole.mean()), rel=1e-9)
+    assert st["result"]["std"] == pytest.approx(float(whole.std()), rel=1e-9)
+
+    status, queues = await heavy_gateway.call("GET", "/v1/queues")
+    assert status == 200
+    assert queues["engines"]["ray"]["state"] == "local"
+    assert queues["engines"]["dask"]["state"] == f"connected to {dask_scheduler}"
+    assert queues["engines"]["ray"]["queues"]["heavy"]["waiting"] == 0
+
+
+async def test_cancelling_a_running_ray_job_kills_its_ray_task(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """DELETE on a running Ray job ends it cancelled and kills the worker running it."""
+    job = await heavy_gateway.submit("test.ray_hold", 60)
+    started = await redis.blpop([f"test:started:{job['id']}"], timeout=60)
+    assert started is not None
+    pid = int(started[1].split(":")[1])
+    status, record = await heavy_gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and record["state"] == "cancelled"
+    await wait_gone(pid)  # ray.cancel(force=True) killed the Ray worker process
+    assert await redis.hget(f"cf:job:{job['id']}", "state") == "cancelled"
+
+
+async def test_a_running_dask_job_is_cancelled_cooperatively(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A cancelled Dask job's task sees ctx.cancelled() turn true, and the job stays cancelled."""
+    job = await heavy_gateway.submit("test.dask_until_cancelled")
+    assert await redis.blpop([f"test:started:{job['id']}"], timeout=60) is not None
+    status, record = await heavy_gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and record["state"] == "cancelled"
+    saw = await redis.blpop([f"test:saw_cancel:{job['id']}"], timeout=30)
+    assert saw is not None and saw[1] == "True"
+    assert await wait_state(redis, job["id"], "cancelled") == "cancelled"
+
+
+async def test_a_raising_task_fails_with_its_own_error(heavy_gateway: Gateway) -> None:
+    """An exception raised inside Ray or Dask is the failed job's error type and message."""
+    ray_job = await heavy_gateway.submit("test.ray_boom", "too big")
+    dask_job = await heavy_gateway.submit("test.dask_boom", "not there")
+    bad_pi = await heavy_gateway.submit("heavy.pi", 1, 2)
+    expected = {
+        ray_job["id"]: {"type": "OverflowError", "message": "too big"},
+        dask_job["id"]: {"type": "LookupError", "message": "not there"},
+        bad_pi["id"]: {"type": "ValueError", "message": "chunks must not exceed samples"},
+    }
+    for job_id, error in expected.items():
+        record = await heavy_gateway.wait(job_id, 60)
+        assert record["state"] == "failed" and record["error"] == error, record
+
+
+async def test_an_unreachable_engine_address_gives_503_and_io_goes_on(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Dead Ray/Dask addresses refuse their jobs with 503 (nothing stored); io jobs run."""
+    engines = replace(
+        settings.engines,
+        ray_address=f"127.0.0.1:{free_port()}",
+        dask_address=f"tcp://127.0.0.1:{free_port()}",
+    )
+    server, session = await start_gateway(replace(settings, engines=engines))
+    gateway = Gateway(server, session)
+    try:
+        for task, engine in (("heavy.pi", "ray"), ("heavy.array_stats", "dask")):
+            status, body = await gateway.call(
+                "POST", "/v1/jobs", json={"task": task, "args": [100, 10]}
+            )
+            assert status == 503, body
+            assert body["error"]["code"] == "engine_unavailable"
+            assert (
+                f"the {engine} engine is unreachable: nothing answers at"
+                in (body["error"]["message"])
+            )
+        assert await redis.keys("cf:job:*") == []
+        io_job = await gateway.submit("io.echo", 5)
+        assert (await gateway.wait(io_job["id"]))["result"] == 5
+        status, queues = await gateway.call("GET", "/v1/queues")
+        assert queues["engines"]["ray"]["state"] == "unreachable"
+        assert queues["engines"]["dask"]["state"] == "unreachable"
+    finally:
+        await session.close()
+        await server.close()
+
+
+def test_a_job_can_override_its_tasks_ray_resources() -> None:
+    """options.resources overrides the task's declared num_cpus/num_gpus/memory."""
+    declared = {"num_cpus": 0.0, "num_gpus": 1.0}
+    override = {"resources": {"num_cpus": 2, "memory": 1e9}}
+    assert ray_options(declared, override) == {
+        "num_cpus": 2.0,
+        "num_gpus": 1.0,
+        "memory": 1_000_000_000,
+    }
+    assert ray_options(declared, {}) == {"num_cpus": 0.0, "num_gpus": 1.0}
+    for bad in ({"cpus": 1}, {"num_cpus": -1}, {"num_gpus": True}, [1]):
+        with pytest.raises(InvalidBody, match=r"options\.resources"):
+            ray_options(declared, {"resources": bad})
