@@ -67,6 +67,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.router.add_post("/v1/jobs", submit_job)
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
+    app.router.add_get("/v1/jobs/{id}/events", job_events)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/queues", list_queues)
@@ -216,6 +217,40 @@ async def _wait_terminal(app: web.Application, job_id: str, wait: float) -> Job 
                 return job
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining)
+
+
+#: Seconds between keep-alive comments on an idle event stream.
+SSE_KEEPALIVE_S = 15.0
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the record at each state change, ending when the job is terminal."""
+    job_id = _job_id(request)
+    store = request.app[STORE]
+    with request.app[HUB].watch(job_id) as changed:  # watch first: no change is missed
+        job = await store.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        sent: JobState | None = None
+        while job is not None:
+            changed.clear()
+            if job.state is not sent:
+                payload = json.dumps(job.to_api())
+                await response.write(f"event: state\ndata: {payload}\n\n".encode())
+                sent = job.state
+            if job.state.terminal:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+            job = await store.get(job_id)
+        await response.write_eof()
+        return response
 
 
 async def cancel_job(request: web.Request) -> web.Response:

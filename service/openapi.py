@@ -162,6 +162,19 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("Job"), "Cancelled"), **_errors(400, 404, 409)},
                 },
             },
+            "/v1/jobs/{id}/events": {
+                "get": {
+                    "summary": "Server-Sent Events: the record at each state change, to the end",
+                    "parameters": [_JOB_ID],
+                    "responses": {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(400, 404),
+                    },
+                }
+            },
             "/v1/tasks": {
                 "get": {
                     "summary": "The task registry",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -189,3 +190,24 @@ async def test_queues_count_live_io_workers(gateway: Gateway, redis: aioredis.Re
             await asyncio.sleep(0.05)  # sleep-ok: the worker checks in on start
     _status, body = await gateway.call("GET", "/v1/queues")
     assert body["engines"]["asyncio"]["queues"]["io"]["workers"] == 1
+
+
+async def test_events_stream_every_state_until_the_end(gateway: Gateway) -> None:
+    """GET /v1/jobs/{id}/events sends queued/running/succeeded records, then closes."""
+    job = await gateway.submit("io.sleep", 0.3)
+    states = []
+    async with gateway.session.get(f"{gateway.url}/v1/jobs/{job['id']}/events") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                states.append(json.loads(line[6:])["state"])
+    assert states[-1] == "succeeded"
+    assert states == sorted(set(states), key=states.index)  # each state once, in order
+    assert "running" in states or states[0] == "succeeded"
+
+
+async def test_events_of_an_unknown_job_is_404(gateway: Gateway) -> None:
+    """The event stream of an id with no job is a JSON 404, not an empty stream."""
+    status, body = await gateway.call("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/events")
+    assert (status, body["error"]["code"]) == (404, "job_not_found")
