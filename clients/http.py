@@ -52,6 +52,28 @@ def _decode(status: int, raw: bytes) -> Any:
     return payload
 
 
+class _Wait:
+    """One ``wait``: long-polls of at most ``_WAIT_STEP_S`` until terminal or the deadline."""
+
+    def __init__(self, job_id: str, timeout_s: float) -> None:
+        self.job_id = job_id
+        self.deadline = time.monotonic() + timeout_s
+
+    def next_request(self) -> tuple[str, float]:
+        step = max(0.0, min(_WAIT_STEP_S, self.deadline - time.monotonic()))
+        return f"/v1/jobs/{urllib.parse.quote(self.job_id)}?wait={step:.3f}", step
+
+    def done(self, job: Job) -> bool:
+        """True once ``job`` is terminal; raises ``WaitTimeout`` past the deadline."""
+        if job.state.terminal:
+            return True
+        if time.monotonic() >= self.deadline:
+            raise errors.WaitTimeout(
+                f"job {self.job_id} is still {job.state.value}", {"state": job.state.value}
+            )
+        return False
+
+
 class AsyncClient:
     """``async with AsyncClient() as client: job = await client.submit("io.sleep", 1)``."""
 
@@ -101,22 +123,12 @@ class AsyncClient:
 
     async def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
         """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
+        waiting = _Wait(job_id, timeout_s)
         while True:
-            step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
-            job = _job(
-                await self._request(
-                    "GET",
-                    f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
-                    timeout_s=step + self._timeout,
-                )
-            )
-            if job.state.terminal:
+            path, step = waiting.next_request()
+            job = _job(await self._request("GET", path, timeout_s=step + self._timeout))
+            if waiting.done(job):
                 return job
-            if time.monotonic() >= deadline:
-                raise errors.WaitTimeout(
-                    f"job {job_id} is still {job.state.value}", {"state": job.state.value}
-                )
 
     async def cancel(self, job_id: str) -> Job:
         return _job(await self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
@@ -196,22 +208,12 @@ class Client:
 
     def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
         """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
+        waiting = _Wait(job_id, timeout_s)
         while True:
-            step = max(0.0, min(_WAIT_STEP_S, deadline - time.monotonic()))
-            job = _job(
-                self._request(
-                    "GET",
-                    f"/v1/jobs/{urllib.parse.quote(job_id)}?wait={step:.3f}",
-                    timeout_s=step + self._timeout,
-                )
-            )
-            if job.state.terminal:
+            path, step = waiting.next_request()
+            job = _job(self._request("GET", path, timeout_s=step + self._timeout))
+            if waiting.done(job):
                 return job
-            if time.monotonic() >= deadline:
-                raise errors.WaitTimeout(
-                    f"job {job_id} is still {job.state.value}", {"state": job.state.value}
-                )
 
     def cancel(self, job_id: str) -> Job:
         return _job(self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))

@@ -31,7 +31,8 @@ class UpError(RuntimeError):
     """The stack could not be started."""
 
 
-def _answers(url: str) -> bool:
+def redis_answers(url: str) -> bool:
+    """Whether a Redis server answers PING at ``url`` (within half a second)."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
@@ -95,12 +96,12 @@ class Stack:
     def resolve_redis(self) -> None:
         s = self.settings
         if s.redis_url:
-            if not _answers(s.redis_url):
+            if not redis_answers(s.redis_url):
                 raise UpError(f"COREFLEET_REDIS_URL={s.redis_url} does not answer")
             self.redis_url, self.redis_origin = s.redis_url, "configured"
             return
         url = f"redis://127.0.0.1:{s.redis_port}/0"
-        if _answers(url):
+        if redis_answers(url):
             self.redis_url, self.redis_origin = url, "found running"
             return
         proc = self.start_child(
@@ -108,7 +109,7 @@ class Stack:
             embedded_redis_command(s.redis_port, s.data_dir / "redis"),
             dict(os.environ),
         )
-        _wait_until(lambda: _answers(url), 15, "the embedded Redis", proc)
+        _wait_until(lambda: redis_answers(url), 15, "the embedded Redis", proc)
         self.redis_url, self.redis_origin = url, f"embedded, data in {s.data_dir / 'redis'}"
 
     def start(self) -> None:
@@ -128,9 +129,9 @@ class Stack:
         fl = self.settings.flower
         flower = self.start_child("flower", [sys.executable, "-m", "clients.cli", "flower"], env)
         health = f"http://{gw.host}:{gw.port}/healthz"
-        _wait_until(lambda: _http_ok(health), 60, "the gateway", gateway)
+        _wait_until(lambda: http_ok(health), 60, "the gateway", gateway)
         _wait_until(
-            lambda: _http_ok(f"http://{fl.host}:{fl.port}/healthcheck"), 60, "Flower", flower
+            lambda: http_ok(f"http://{fl.host}:{fl.port}/healthcheck"), 60, "Flower", flower
         )
 
     def stop(self) -> None:
@@ -172,7 +173,8 @@ class Stack:
         )
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 within a second."""
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
             return int(resp.status) == 200

@@ -160,12 +160,13 @@ async def wait_gone(pid: int, within: float = 30) -> None:
             await asyncio.sleep(0.05)  # sleep-ok: polling a process that is being killed
 
 
-async def wait_workers(redis: aioredis.Redis, queue: str, count: int = 1,
-                       within: float = 30) -> list[dict[str, Any]]:
+async def wait_workers(
+    redis: aioredis.Redis, queue: str, count: int = 1, within: float = 30
+) -> list[dict[str, Any]]:
     """Wait until ``count`` workers of ``queue`` have checked in (tests flush Redis)."""
     from service import presence
 
     async with asyncio.timeout(within):
-        while len(workers := await presence.live(redis, queue)) < count:
+        while len(workers := await presence.live(redis, queue)) < count:  # noqa: ASYNC110
             await asyncio.sleep(0.1)  # sleep-ok: workers check in every few seconds
     return workers

@@ -11,11 +11,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import redis
+from service.up import http_ok, redis_answers  # noqa: F401  # http_ok: re-exported for tests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,25 +32,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready after {timeout} s")
         time.sleep(0.05)  # sleep-ok: polling another process's readiness
-
-
-def redis_answers(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.3, socket_timeout=0.3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except (redis.RedisError, OSError):
-        return False
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return int(resp.status) == 200
-    except OSError:
-        return False
 
 
 def redis_binary() -> str:

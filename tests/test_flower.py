@@ -60,7 +60,7 @@ def test_flower_api_requires_the_credentials(flower: str) -> None:
 
 def test_flower_lists_the_worker(flower: str) -> None:
     """The corefleet worker appears in /api/workers."""
-    _status_, workers = _get(flower + "/api/workers?refresh=1", AUTH)
+    _, workers = _get(flower + "/api/workers?refresh=1", AUTH)
     assert any(name.startswith("corefleet-cpu") for name in workers)
 
 
