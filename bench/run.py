@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: Benchmark modules, in the order ``all`` runs them.
-BENCHMARKS = ("bench.submit", "bench.io_e2e")
+BENCHMARKS = ("bench.submit", "bench.io_e2e", "bench.cpu", "bench.ray_pi", "bench.ray_roundtrip")
 
 
 def _modules() -> list[ModuleType]:

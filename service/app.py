@@ -61,9 +61,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app[REGISTRY] = registry or Registry.load(settings.task_modules)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_engines_ctx)
+    # Before the io worker, so that it stops (told at shutdown) while the io worker does.
+    app.cleanup_ctx.append(_heavy_ctx)
+    app.on_shutdown.append(_stop_heavy)
     if settings.gateway.embedded_io_worker:
         app.cleanup_ctx.append(_io_worker_ctx)
-    app.cleanup_ctx.append(_heavy_ctx)
     app.router.add_post("/v1/jobs", submit_job)
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
@@ -122,12 +124,17 @@ async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
     engines: dict[str, Engine] = app[ENGINES]
     dispatcher = HeavyDispatcher(app[REDIS], app[STORE], app[REGISTRY], engines, app[SETTINGS])
     app[HEAVY] = dispatcher
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop, grace_s=5.0))
+    await dispatcher.prepare()
+    task = asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0))
     yield
-    stop.set()
+    dispatcher.stop.set()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def _stop_heavy(app: web.Application) -> None:
+    if HEAVY in app:
+        app[HEAVY].stop.set()
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -49,6 +49,14 @@ _SUBMIT = {
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                 "require_worker": {"type": "boolean"},
+                "resources": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        name: {"type": "number", "minimum": 0}
+                        for name in ("num_cpus", "num_gpus", "memory")
+                    },
+                },
             },
         },
     },

@@ -22,7 +22,7 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 #: The job options a submit may carry.
-OPTIONS = ("max_attempts", "queue", "require_worker", "timeout_s")
+OPTIONS = ("max_attempts", "queue", "require_worker", "resources", "timeout_s")
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:

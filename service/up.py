@@ -21,6 +21,8 @@ from types import FrameType
 
 import redis
 
+from service.engines.dask_ import dask_banner
+from service.engines.ray_ import ray_banner
 from service.gpus import Gpu, visible_gpus
 from service.settings import Settings
 
@@ -168,6 +170,8 @@ class Stack:
                 ),
                 f"  flower     http://{fl.host}:{fl.port}"
                 f"{'  (basic auth)' if fl.basic_auth else ''}",
+                ray_banner(self.settings.engines),
+                dask_banner(self.settings.engines),
                 "Ctrl-C stops everything.",
             ]
         )

@@ -16,7 +16,7 @@ def _saxpy_kernel(a: Any, x: Any, y: Any, out: Any) -> None:
 
 def saxpy_cuda(a: Any, x: Any, y: Any) -> Any:
     d_x, d_y = cuda.to_device(x), cuda.to_device(y)
-    d_out = cuda.device_array_like(d_x)
+    d_out = cuda.device_array_like(d_x)  # type: ignore[no-untyped-call]  # untyped in numba
     threads = 256
     blocks = (x.size + threads - 1) // threads
     _saxpy_kernel[blocks, threads](a, d_x, d_y, d_out)

@@ -170,7 +170,13 @@ async def test_health_and_readiness(gateway: Gateway) -> None:
     """/healthz says ok; /readyz checks Redis and every engine."""
     assert (await gateway.call("GET", "/healthz")) == (200, {"status": "ok"})
     status, body = await gateway.call("GET", "/readyz")
-    assert status == 200 and body["checks"] == {"redis": "ok", "asyncio": "ok", "celery": "ok"}
+    assert status == 200 and body["checks"] == {
+        "redis": "ok",
+        "asyncio": "ok",
+        "celery": "ok",
+        "ray": "ok",
+        "dask": "ok",
+    }
 
 
 async def test_queues_report_waiting_jobs_and_no_worker(bare_gateway: Gateway) -> None:

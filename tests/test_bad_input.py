@@ -13,8 +13,12 @@ from tests.conftest import Gateway
 
 
 async def _keys(redis: aioredis.Redis) -> set[str]:
-    """Every key but the io workers' presence, which they refresh on their own."""
-    return {k for k in await redis.keys("*") if not k.startswith("cf:consumers:")}
+    """Every key but the workers' presence, which they refresh on their own."""
+    return {
+        k
+        for k in await redis.keys("*")
+        if not k.startswith("cf:consumers:") and k != "cf:worker-info"
+    }
 
 
 GOOD_ARGS = [1, 0.5, "x", True, [1], {"a": 1}]

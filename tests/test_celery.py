@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from clients import AsyncProducer, InvalidArguments
 from service.settings import Settings
-from tests.conftest import CeleryWorker, Gateway, wait_gone, wait_state
+from tests.conftest import CeleryWorker, Gateway, wait_gone, wait_state, wait_workers
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 
@@ -165,8 +165,9 @@ async def test_producer_enqueues_exactly_like_the_gateway(
     assert done["state"] == "succeeded" and done["result"] == 168
 
 
-async def test_queues_show_celery_workers(gateway: Gateway) -> None:
+async def test_queues_show_celery_workers(gateway: Gateway, redis: aioredis.Redis) -> None:
     """GET /v1/queues lists the cpu queue with its live worker."""
+    await wait_workers(redis, "cpu")
     status, body = await gateway.call("GET", "/v1/queues")
     assert status == 200
     assert body["engines"]["celery"]["queues"]["cpu"]["workers"] >= 1

@@ -26,8 +26,10 @@ async def test_without_a_gpu_worker_jobs_wait_and_require_worker_is_refused(
     assert queues["engines"]["celery"]["queues"]["gpu"]["workers"] == 0
     before = set(await redis.keys("cf:job:*"))
     status, body = await gateway.call(
-        "POST", "/v1/jobs",
-        json={"task": "gpu.matmul", "args": [8], "options": {"require_worker": True}})
+        "POST",
+        "/v1/jobs",
+        json={"task": "gpu.matmul", "args": [8], "options": {"require_worker": True}},
+    )
     assert status == 503 and body["error"]["code"] == "engine_unavailable"
     assert "gpu" in body["error"]["message"]
     assert set(await redis.keys("cf:job:*")) == before
@@ -37,15 +39,21 @@ async def test_without_a_gpu_worker_jobs_wait_and_require_worker_is_refused(
 class GpuWorker:
     def __init__(self, redis_server: RedisServer, data_dir: str) -> None:
         # Two "visible" devices on a host without any: the pinning is what is tested.
-        env = env_with(COREFLEET_REDIS_URL=redis_server.url, COREFLEET_TASK_MODULES=TEST_TASKS,
-                       COREFLEET_DATA_DIR=data_dir, COREFLEET_GPU_FALLBACK="cpu",
-                       COREFLEET_LOG_LEVEL="WARNING", CUDA_VISIBLE_DEVICES="0,1")
+        env = env_with(
+            COREFLEET_REDIS_URL=redis_server.url,
+            COREFLEET_TASK_MODULES=TEST_TASKS,
+            COREFLEET_DATA_DIR=data_dir,
+            COREFLEET_GPU_FALLBACK="cpu",
+            COREFLEET_LOG_LEVEL="WARNING",
+            CUDA_VISIBLE_DEVICES="0,1",
+        )
         self.proc = Proc(["worker", "--gpu"], env)
 
 
 @pytest.fixture(scope="module")
-def gpu_worker(redis_server: RedisServer,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuWorker]:
+def gpu_worker(
+    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GpuWorker]:
     worker = GpuWorker(redis_server, str(tmp_path_factory.mktemp("gpu-worker")))
     wait_until(lambda: len(process_tree(worker.proc.pid)) >= 3, 60, "gpu worker children")
     yield worker
@@ -65,16 +73,20 @@ async def test_each_child_is_pinned_to_its_own_device(
     assert len(children) == 2 and set(pinned) <= children
 
 
-async def test_workers_report_their_devices(gpu_worker: GpuWorker, gateway: Gateway,
-                                            redis: aioredis.Redis) -> None:
+async def test_workers_report_their_devices(
+    gpu_worker: GpuWorker, gateway: Gateway, redis: aioredis.Redis
+) -> None:
     """The gpu worker reports its devices and fallback; /v1/queues shows them."""
     await wait_workers(redis, "gpu")
     _status, body = await gateway.call("GET", "/v1/queues")
     gpu = body["engines"]["celery"]["queues"]["gpu"]
     assert gpu["workers"] == 1 and gpu["cpu_fallback"] is True
     assert sorted(d["id"] for d in gpu["devices"]) == ["0", "1"]
-    job = await gateway.call("POST", "/v1/jobs", json={
-        "task": "gpu.fft", "args": [16], "options": {"require_worker": True}})
+    job = await gateway.call(
+        "POST",
+        "/v1/jobs",
+        json={"task": "gpu.fft", "args": [16], "options": {"require_worker": True}},
+    )
     assert job[0] == 202
 
 

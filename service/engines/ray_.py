@@ -36,7 +36,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from service import keys
-from service.engines.asyncio_ import StreamConsumer, stream_status
+from service.engines.asyncio_ import StreamConsumer, ensure_group, stream_status
 from service.engines.base import Engine
 from service.errors import EngineUnavailable, InvalidBody
 from service.events import listen
@@ -59,6 +59,8 @@ REPROBE_S = 5.0
 RESOURCES_OPTION = "resources"
 RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
 RAY_DASHBOARD_PORT = 8265
+#: How long a local Ray keeps an idle worker process beyond one per CPU.
+IDLE_WORKER_KEEP_MS = 60_000
 
 NOT_STARTED = "not started"
 LOCAL = "local"
@@ -386,6 +388,9 @@ def ray_init_kwargs(engines: EngineSettings, temp_dir: str) -> dict[str, Any]:
         "address": "local",
         "include_dashboard": engines.ray_dashboard,
         "_temp_dir": temp_dir,
+        # Ray kills idle workers above one per CPU after 1 s; a fan-out job holds one more
+        # (its coordinator), so every job after a pause would start processes again.
+        "_system_config": {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
     }
     if engines.ray_cpus:
         kwargs["num_cpus"] = engines.ray_cpus
@@ -524,6 +529,13 @@ class HeavyDispatcher:
             lease_s=settings.io.lease_s,
         )
         self.consumer = StreamConsumer(redis, self.execute, consumer_settings)
+        #: Set to stop taking jobs; running ones get the grace period of ``run``.
+        self.stop = asyncio.Event()
+
+    async def prepare(self) -> None:
+        """Create the heavy streams and their group, before the gateway takes requests."""
+        for queue in self.consumer.settings.queues:
+            await ensure_group(self.redis, queue)
 
     async def execute(self, job_id: str) -> None:
         job = await self.store.get(job_id)

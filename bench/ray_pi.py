@@ -1,0 +1,125 @@
+"""Benchmark: ``heavy.pi`` through the gateway on a local Ray of 2 CPUs vs one process.
+
+The gateway runs as a subprocess with ``COREFLEET_RAY_CPUS=2`` (its own local Ray, started
+by a warm-up job). Each repeat posts ``heavy.pi(samples, chunks, seed)`` and holds
+``GET /v1/jobs/{id}?wait=`` until it finishes: the time is the client's, end to end. The
+baseline draws the same points in this process (runs alternate), chunk after chunk, with
+the very function the Ray tasks run (``tasks.heavy.pi_chunk``), and the hit counts must agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import time
+from typing import Any
+
+from bench.common import (
+    PYTHON,
+    Proc,
+    RedisServer,
+    free_port,
+    http_ok,
+    machine_info,
+    median,
+    print_table,
+    verdict,
+)
+
+NAME = "ray-pi"
+HELP = "heavy.pi on 2 Ray CPUs through the gateway vs the same samples in one process"
+TARGET = 1.8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", type=int, default=200_000_000, help="points (200M)")
+    parser.add_argument("--chunks", type=int, default=8, help="Ray tasks per job (8)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per system (5)")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (2)")
+
+
+def heavy_gateway(redis_url: str, port: int, ray_cpus: int) -> Proc:
+    """A gateway whose heavy jobs run on its own local Ray of ``ray_cpus`` CPUs."""
+    return Proc("gateway-ray", [PYTHON, "-m", "clients.cli", "gateway"], env={
+        "COREFLEET_REDIS_URL": redis_url,
+        "COREFLEET_HOST": "127.0.0.1",
+        "COREFLEET_PORT": str(port),
+        "COREFLEET_RAY_CPUS": str(ray_cpus),
+        "COREFLEET_TASK_MODULES": "bench.heavy_tasks",
+        "COREFLEET_MAX_WAIT_S": "600",
+        "COREFLEET_LOG_LEVEL": "WARNING",
+        "RAY_AUTH_MODE": "disabled",
+    })
+
+
+class GatewayClient:
+    """One keep-alive HTTP connection: submit a job, then wait for its end."""
+
+    def __init__(self, port: int) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=620)
+
+    def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        payload = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        self.conn.request(method, path, body=payload, headers=headers)
+        resp = self.conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    def run(self, task: str, *args: Any) -> dict[str, Any]:
+        status, job = self._call("POST", "/v1/jobs", {"task": task, "args": list(args)})
+        if status != 202:
+            raise RuntimeError(f"POST {task} answered {status}: {job}")
+        status, record = self._call("GET", f"/v1/jobs/{job['id']}?wait=600")
+        if status != 200 or record["state"] != "succeeded":
+            raise RuntimeError(f"{task} did not succeed: {record}")
+        return dict(record)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.heavy import pi_chunk, split
+
+    info = machine_info()
+    sizes = split(args.samples, args.chunks)
+    seed = 11
+    cf_times: list[float] = []
+    base_times: list[float] = []
+    with RedisServer() as redis:
+        port = free_port()
+        with heavy_gateway(redis.url, port, args.ray_cpus) as gateway:
+            gateway.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60)
+            client = GatewayClient(port)
+            try:
+                started = time.perf_counter()
+                client.run("heavy.pi", 1_000_000, args.chunks, 0)  # starts Ray, warms workers
+                print(f"  warm-up (Ray start included): {time.perf_counter() - started:.1f} s")
+                # Alternating, so that load from elsewhere on the machine hits both alike.
+                for rep in range(args.repeats):
+                    t0 = time.perf_counter()
+                    record = client.run("heavy.pi", args.samples, args.chunks, seed)
+                    cf_times.append(time.perf_counter() - t0)
+                    hits = record["result"]["hits"]
+                    t0 = time.perf_counter()
+                    base_hits = sum(pi_chunk(size, seed, i) for i, size in enumerate(sizes))
+                    base_times.append(time.perf_counter() - t0)
+                    print(f"  run {rep + 1}: corefleet {cf_times[-1]:.2f} s, "
+                          f"one process {base_times[-1]:.2f} s", flush=True)
+            finally:
+                client.close()
+    if base_hits != hits:
+        raise RuntimeError(f"hit counts differ: Ray {hits}, one process {base_hits}")
+    speedup = median(base_times) / median(cf_times)
+    rows = [
+        {"system": f"corefleet heavy.pi, Ray {args.ray_cpus} CPUs", "median s": median(cf_times),
+         "runs s": " / ".join(f"{t:.2f}" for t in cf_times)},
+        {"system": "one process (same chunks)", "median s": median(base_times),
+         "runs s": " / ".join(f"{t:.2f}" for t in base_times)},
+    ]
+    print_table(f"heavy.pi, {args.samples:,} samples in {args.chunks} chunks",
+                ["system", "median s", "runs s"], rows)
+    print(f"speed-up: {verdict(speedup, TARGET)}")
+    return {"machine": info, "args": vars(args), "hits": hits, "corefleet_s": cf_times,
+            "one_process_s": base_times, "speedup": speedup, "target": TARGET}
