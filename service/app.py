@@ -20,7 +20,7 @@ from service import ids
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, io_worker
 from service.engines.base import Engine
-from service.engines.ray_ import HeavyDispatcher
+from service.engines.cluster import HeavyDispatcher
 from service.errors import (
     InvalidBody,
     InvalidJobId,

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from service.engines.ray_ import ray_options, start_ray
+from service.engines.cluster import ray_options
+from service.engines.ray_ import start_ray
 from service.errors import InvalidBody
 from service.settings import EngineSettings, Settings
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
@@ -38,7 +39,7 @@ def dask_scheduler(redis_server: RedisServer) -> Iterator[str]:
     from distributed import LocalCluster
 
     cluster = LocalCluster(
-        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0"
     )
     yield str(cluster.scheduler_address)
     cluster.close()

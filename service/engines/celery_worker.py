@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -20,20 +19,11 @@ from service import presence
 from service.engines.celery_ import CELERY_TASK, make_celery_app
 from service.gpus import Gpu, visible_gpus
 from service.jobs import JobError
-from service.runner import JobRunner
 from service.settings import Settings
 from service.store import JobStore, connect
-from tasks import Registry
+from service.worker_runtime import WorkerConfig, run_job_here
 
 log = logging.getLogger("corefleet.worker")
-
-
-@dataclass
-class _Child:
-    """What one worker child process runs jobs with."""
-
-    loop: asyncio.AbstractEventLoop
-    runner: JobRunner
 
 
 def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
@@ -45,34 +35,16 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     from billiard.process import current_process
     from celery import Task
     from celery.exceptions import TimeLimitExceeded
-    from celery.signals import worker_process_init, worker_process_shutdown
+    from celery.signals import worker_process_init
 
     app = make_celery_app(settings)
-    child: dict[str, _Child] = {}  # this process's runtime, made after the fork
-
-    def make_child() -> _Child:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        store = JobStore(connect(settings.redis), settings.job_ttl_s)
-        name = f"celery-{os.uname().nodename}-{os.getpid()}"
-        runner = JobRunner(
-            store, Registry.load(settings.task_modules), worker_id=name, inline_sync=True
-        )
-        return _Child(loop, runner)
+    config = WorkerConfig.of(settings)
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
     def _init_child(**_: Any) -> None:
         if gpus:
             # A replaced child keeps its index, so it gets the same device back.
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[current_process().index % len(gpus)].id
-        child["now"] = make_child()
-
-    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
-    def _close_child(**_: Any) -> None:
-        current = child.pop("now", None)
-        if current is not None:
-            current.loop.run_until_complete(current.runner.store.redis.aclose())
-            current.loop.close()
 
     class JobTask(Task):  # type: ignore[misc]  # celery ships no type information
         """Records what kills a job from outside the runner (the hard time limit)."""
@@ -90,10 +62,7 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
 
     @app.task(name=CELERY_TASK, base=JobTask, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_job(job_id: str) -> None:
-        current = child.get("now")
-        if current is None:  # the solo pool runs tasks in the main process
-            current = child["now"] = make_child()
-        current.loop.run_until_complete(current.runner.run(job_id))
+        run_job_here(config, job_id, "celery")
 
     return app
 

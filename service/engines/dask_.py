@@ -22,9 +22,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.engines.ray_ import ClusterEngine, WorkerConfig, run_job_here
+from service.engines.cluster import ClusterEngine
 from service.jobs import Job
 from service.settings import EngineSettings, Settings
+from service.worker_runtime import WorkerConfig, run_job_here
 from tasks import TaskSpec
 
 DASK_DASHBOARD = "127.0.0.1:8787"
@@ -65,7 +66,9 @@ class DaskEngine(ClusterEngine):
                 processes=True,
                 n_workers=workers,
                 threads_per_worker=1,
-                dashboard_address=_local_dashboard(),
+                # The scheduler serves HTTP even without a dashboard: a free port, never a
+                # fixed one another process may hold.
+                dashboard_address=_local_dashboard() or "127.0.0.1:0",
             )
             self._client = await Client(  # type: ignore[no-untyped-call]  # as above
                 self._cluster, asynchronous=True

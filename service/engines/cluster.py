@@ -1,0 +1,359 @@
+"""What the Ray and Dask engines share: the heavy streams, their dispatcher, reachability.
+
+Heavy jobs travel like io jobs: the gateway adds the job's id to ``cf:stream:{queue}``
+(``heavy`` unless the task names another queue) in the script call that stores the job, so a
+202 means stored even while Ray or Dask is down. The gateway's ``HeavyDispatcher`` reads
+those streams with a ``StreamConsumer`` and hands each job to its engine, which runs the
+job runner inside a Ray task (``ray_.py``) or a Dask task (``dask_.py``). The runner writes
+the outcome to Redis from there; the gateway only waits, and acknowledges the entry after.
+
+A configured address that does not answer marks its engine unreachable: its jobs get a 503
+and are not stored, while io and cpu jobs go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from service import keys
+from service.engines.asyncio_ import StreamConsumer, ensure_group, stream_status
+from service.engines.base import Engine
+from service.errors import EngineUnavailable, InvalidBody
+from service.events import listen
+from service.jobs import Job, JobState
+from service.settings import IoWorkerSettings, Settings
+from service.store import Dispatch, JobStore
+from service.worker_runtime import WorkerConfig
+from tasks import Registry, TaskSpec
+
+log = logging.getLogger("corefleet.heavy")
+
+#: The stream heavy jobs (Ray and Dask alike) travel on unless their task names another.
+HEAVY_QUEUE = "heavy"
+#: Heavy jobs one gateway keeps in flight on its clusters; Ray and Dask queue the rest.
+DISPATCH_CONCURRENCY = 256
+#: How long a configured address may take to accept a TCP connection.
+PROBE_TIMEOUT_S = 2.0
+#: How often an unreachable address is tried again.
+REPROBE_S = 5.0
+#: The per-job option that overrides a task's declared resources.
+RESOURCES_OPTION = "resources"
+RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
+
+NOT_STARTED = "not started"
+LOCAL = "local"
+UNREACHABLE = "unreachable"
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+def _resource_error() -> InvalidBody:
+    return InvalidBody(
+        f"options.{RESOURCES_OPTION} must be an object with num_cpus, num_gpus and/or memory "
+        "(bytes), each a number of at least 0",
+        {"allowed": list(RESOURCE_NAMES)},
+    )
+
+
+def check_resources(value: Any) -> dict[str, float]:
+    """A resources mapping (a task's declaration or a job's option), checked."""
+    if not isinstance(value, dict) or set(value) - set(RESOURCE_NAMES):
+        raise _resource_error()
+    for amount in value.values():
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise _resource_error()
+    return {name: float(amount) for name, amount in value.items()}
+
+
+def ray_options(declared: Mapping[str, float], job_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Ray ``.options()`` for a job: its task's resources, overridden per job."""
+    merged = dict(declared)
+    override = job_options.get(RESOURCES_OPTION)
+    if override is not None:
+        merged.update(check_resources(override))
+    options: dict[str, Any] = {}
+    for name in RESOURCE_NAMES:
+        if name in merged:
+            options[name] = int(merged[name]) if name == "memory" else merged[name]
+    return options
+
+
+# --- reachability ------------------------------------------------------------------------
+
+
+def split_address(address: str, default_port: int) -> tuple[str, int] | None:
+    """Host and port of a cluster address; None where there is nothing to probe."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    if not rest or rest == "auto":
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return rest, default_port
+    return host.strip("[]"), int(port)
+
+
+async def probe(address: str, default_port: int) -> str | None:
+    """Why nothing answers at ``address``; None when it accepts a TCP connection."""
+    where = split_address(address, default_port)
+    if where is None:
+        return None
+    host, port = where
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            _reader, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError) as exc:
+        reason = "no answer" if isinstance(exc, TimeoutError) else type(exc).__name__
+        return f"nothing answers at {host}:{port} ({reason})"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+# --- the gateway side: what Ray and Dask have in common ----------------------------------
+
+
+class ClusterEngine:
+    """An engine that runs the job runner on a cluster it starts or connects to lazily.
+
+    Subclasses say how to connect and how to launch, wait for and interrupt one job.
+    """
+
+    name = "cluster"
+    default_port = 0
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings, address: str) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.address = address
+        self.config = WorkerConfig.of(settings)
+        #: Streams this engine's jobs travel on (the dispatcher widens it from the registry).
+        self.queues: tuple[str, ...] = (HEAVY_QUEUE,)
+        self.state = NOT_STARTED
+        self.problem = ""
+        self.dashboard: str | None = None
+        self.connected = False
+        self._lock: asyncio.Lock | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._inflight: dict[str, Any] = {}
+        self._dropped: set[str] = set()
+
+    # Engine protocol -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Only a configured address is checked now, so that its jobs can be refused at
+        # submit; a local cluster starts with the first job.
+        if self.address:
+            await self._check_reachable()
+
+    def dispatch(self, job: Job) -> Dispatch:
+        if self.state == UNREACHABLE:
+            raise EngineUnavailable(
+                f"the {self.name} engine is unreachable: {self.problem}; {self.name} jobs are "
+                "refused until it answers (io and cpu jobs are not affected)",
+                {"engine": self.name, "address": self.address or "local"},
+            )
+        if RESOURCES_OPTION in job.options:
+            check_resources(job.options[RESOURCES_OPTION])
+        return Dispatch("xadd", keys.stream(job.queue), job.id)
+
+    async def cancel(self, job: Job) -> None:
+        # The cancel transition publishes on keys.CANCEL; the dispatcher holding the job
+        # cancels its ``run``, which interrupts the cluster task.
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        queues = {queue: await stream_status(self.redis, queue) for queue in self.queues}
+        status: dict[str, Any] = {
+            "engine": self.name,
+            "state": self.state,
+            "queues": queues,
+            "dashboard": self.dashboard,
+        }
+        if self.state == UNREACHABLE:
+            status["problem"] = self.problem
+        return status
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.connected:
+            await self._disconnect()
+            self.connected = False
+
+    # running jobs --------------------------------------------------------------------------
+
+    async def run(self, job: Job, spec: TaskSpec | None, by_user: Callable[[str], bool]) -> None:
+        """Run ``job`` on the cluster and wait until its runner has stored the outcome.
+
+        Cancelling this coroutine because the user cancelled the job (``by_user``)
+        interrupts the cluster task; a shutdown leaves it running, as its outcome reaches
+        Redis without the gateway.
+        """
+        await self.ensure_started()
+        handle = self._launch(job, spec)
+        self._inflight[job.id] = handle
+        try:
+            await self._wait(handle)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0 and job.id in self._dropped:
+                return  # the cluster future was dropped by a cancel while queued
+            if by_user(job.id):
+                self._interrupt(handle, running=True)
+            raise
+        except Exception:
+            if job.id in self._dropped:
+                return
+            raise
+        finally:
+            self._inflight.pop(job.id, None)
+            self._dropped.discard(job.id)
+
+    def drop(self, job_id: str) -> None:
+        """Drop the cluster task of a job cancelled while still queued."""
+        handle = self._inflight.get(job_id)
+        if handle is not None:
+            self._dropped.add(job_id)
+            self._interrupt(handle, running=False)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def ensure_started(self) -> None:
+        """Start the local cluster or connect to the configured one, once."""
+        if self.connected:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.connected:
+                return
+            if self.address and not await self._check_reachable():
+                raise EngineUnavailable(f"the {self.name} engine is unreachable: {self.problem}")
+            try:
+                await self._connect()
+            except Exception as exc:
+                self._mark_unreachable(f"could not start or connect: {type(exc).__name__}: {exc}")
+                raise EngineUnavailable(
+                    f"the {self.name} engine is unreachable: {self.problem}"
+                ) from exc
+            self.connected = True
+            self.state = f"connected to {self.address}" if self.address else LOCAL
+            log.info("%s engine %s", self.name, self.state)
+
+    async def _check_reachable(self) -> bool:
+        problem = await probe(self.address, self.default_port)
+        if problem is not None:
+            self._mark_unreachable(problem)
+            return False
+        if self.state == UNREACHABLE:
+            self.state = NOT_STARTED
+            self.problem = ""
+        return True
+
+    def _mark_unreachable(self, problem: str) -> None:
+        log.warning("%s engine unreachable: %s", self.name, problem)
+        self.state, self.problem = UNREACHABLE, problem
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_until_back())
+
+    async def _watch_until_back(self) -> None:
+        while self.state == UNREACHABLE:
+            await asyncio.sleep(REPROBE_S)  # a remote address cannot tell us it is back
+            if await probe(self.address, self.default_port) is None:
+                self.state, self.problem = NOT_STARTED, ""
+                log.info("%s engine answers again", self.name)
+
+    # what each cluster does its own way ----------------------------------------------------
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+        raise NotImplementedError
+
+    async def _wait(self, handle: Any) -> None:
+        raise NotImplementedError
+
+    def _interrupt(self, handle: Any, running: bool) -> None:
+        raise NotImplementedError
+
+
+# --- the dispatcher ----------------------------------------------------------------------
+
+
+class HeavyDispatcher:
+    """The gateway's consumer of the heavy streams: each job goes to its cluster engine."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        store: JobStore,
+        registry: Registry,
+        engines: Mapping[str, Engine],
+        settings: Settings,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.registry = registry
+        self.engines: dict[str, ClusterEngine] = {
+            name: engine for name, engine in engines.items() if isinstance(engine, ClusterEngine)
+        }
+        queues = {HEAVY_QUEUE} | {s.queue for s in registry if s.engine in self.engines}
+        for engine in self.engines.values():
+            engine.queues = tuple(sorted(queues))
+        consumer_settings = IoWorkerSettings(
+            queues=tuple(sorted(queues)),
+            concurrency=DISPATCH_CONCURRENCY,
+            lease_s=settings.io.lease_s,
+        )
+        self.consumer = StreamConsumer(redis, self.execute, consumer_settings)
+        #: Set to stop taking jobs; running ones get the grace period of ``run``.
+        self.stop = asyncio.Event()
+
+    async def prepare(self) -> None:
+        """Create the heavy streams and their group, before the gateway takes requests."""
+        for queue in self.consumer.settings.queues:
+            await ensure_group(self.redis, queue)
+
+    async def execute(self, job_id: str) -> None:
+        job = await self.store.get(job_id)
+        if job is None or job.state.terminal:
+            return  # expired, finished or cancelled before it left the stream
+        engine = self.engines.get(job.engine)
+        if engine is None:
+            log.error("job %s names engine %s, which this gateway lacks", job_id, job.engine)
+            return
+        await engine.run(job, self.registry.get(job.task), self.consumer.is_cancelled)
+
+    async def run(self, stop: asyncio.Event, grace_s: float = 5.0) -> None:
+        listener = asyncio.create_task(listen(self.redis, keys.EVENTS, self._on_event))
+        try:
+            await self.consumer.run(stop, grace_s)
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+    def _on_event(self, data: str) -> None:
+        # Cheap filters first: this sees every state change of every job.
+        if '"cancelled"' not in data or not any(e.inflight for e in self.engines.values()):
+            return
+        event = json.loads(data)
+        if event.get("from") in (JobState.QUEUED.value, JobState.RETRYING.value):
+            for engine in self.engines.values():
+                engine.drop(str(event.get("id")))
