@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from service.app import create_app
 from service.settings import IoWorkerSettings, Settings
-from tests.procs import Proc, RedisServer, alive, env_with, process_tree, wait_until
+from tests.procs import ROOT, Proc, RedisServer, alive, env_with, process_tree, wait_until
 
 TEST_TASKS = "tests.fleet_tasks"
 
@@ -25,8 +25,12 @@ TEST_TASKS = "tests.fleet_tasks"
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
     server.start()
-    # Test tasks reach Redis through this variable, in this process and in children.
+    # Test tasks reach Redis through this variable, in this process and in children; and
+    # processes this one starts (Ray's workers among them) import tests.fleet_tasks.
     os.environ["COREFLEET_REDIS_URL"] = server.url
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+    )
     yield server
     server.stop()
 

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,37 @@ def test_a_job_can_override_its_tasks_ray_resources() -> None:
     for bad in ({"cpus": 1}, {"num_cpus": -1}, {"num_gpus": True}, [1]):
         with pytest.raises(InvalidBody, match=r"options\.resources"):
             ray_options(declared, {"resources": bad})
+
+
+async def test_a_task_the_cluster_cannot_import_fails_the_job(
+    settings: Settings,
+    redis: aioredis.Redis,
+    local_ray: None,
+    dask_scheduler: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A heavy task whose module Ray's workers cannot import fails the job, not loops."""
+    (tmp_path / "only_here.py").write_text(
+        "from tasks import task\n\n"
+        "@task('only.here', kind='heavy')\n"
+        "def only_here() -> int:\n"
+        "    return 1\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process only, not Ray's workers
+    mine = replace(
+        settings,
+        task_modules=(*settings.task_modules, "only_here"),
+        engines=replace(settings.engines, dask_address=dask_scheduler),
+    )
+    server, session = await start_gateway(mine)
+    try:
+        gateway = Gateway(server, session)
+        done = await gateway.wait((await gateway.submit("only.here"))["id"], 60)
+    finally:
+        await session.close()
+        await server.close()
+    assert done["state"] == "failed", done
+    assert (
+        done["error"]["type"] == "ModuleNotFoundError" and "only_here" in done["error"]["message"]
+    )

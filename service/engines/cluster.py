@@ -27,7 +27,7 @@ from service.engines.asyncio_ import StreamConsumer, ensure_group, stream_status
 from service.engines.base import Engine
 from service.errors import EngineUnavailable, InvalidBody
 from service.events import listen
-from service.jobs import Job, JobState
+from service.jobs import Job, JobError, JobState
 from service.settings import IoWorkerSettings, Settings
 from service.store import Dispatch, JobStore
 from service.worker_runtime import WorkerConfig
@@ -50,6 +50,15 @@ RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
 NOT_STARTED = "not started"
 LOCAL = "local"
 UNREACHABLE = "unreachable"
+
+
+class CouldNotRun(Exception):
+    """The cluster could not run the job's runner at all (as opposed to losing a worker,
+    after which the job is delivered again)."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(f"{error.type}: {error.message}")
+        self.error = error
 
 
 # --- resources ---------------------------------------------------------------------------
@@ -336,10 +345,16 @@ class HeavyDispatcher:
         if job is None or job.state.terminal:
             return  # expired, finished or cancelled before it left the stream
         engine = self.engines.get(job.engine)
-        if engine is None:
-            log.error("job %s names engine %s, which this gateway lacks", job_id, job.engine)
-            return
-        await engine.run(job, self.registry.get(job.task), self.consumer.is_cancelled)
+        try:
+            if engine is None:
+                raise CouldNotRun(
+                    JobError("EngineUnavailable", f"this gateway has no {job.engine} engine")
+                )
+            await engine.run(job, self.registry.get(job.task), self.consumer.is_cancelled)
+        except CouldNotRun as exc:
+            # Delivering it again would fail the same way: fail the job, with the reason.
+            log.error("job %s could not run on %s: %s", job_id, job.engine, exc)
+            await self.store.fail(job_id, exc.error)
 
     async def run(self, stop: asyncio.Event, grace_s: float = 5.0) -> None:
         listener = asyncio.create_task(listen(self.redis, keys.EVENTS, self._on_event))

@@ -22,8 +22,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.engines.cluster import ClusterEngine
+from service.engines.cluster import ClusterEngine, CouldNotRun
 from service.jobs import Job
+from service.runner import error_of
 from service.settings import EngineSettings, Settings
 from service.worker_runtime import WorkerConfig, run_job_here
 from tasks import TaskSpec
@@ -99,7 +100,14 @@ class DaskEngine(ClusterEngine):
         )
 
     async def _wait(self, handle: Any) -> None:
-        await handle
+        from distributed import KilledWorker
+
+        try:
+            await handle
+        except (KilledWorker, asyncio.CancelledError):
+            raise  # a lost worker: delivered again; a cancel: the caller's business
+        except Exception as exc:
+            raise CouldNotRun(error_of(exc)) from exc
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         # Frees a queued task; a running one finishes in its thread (see the module doc).

@@ -22,8 +22,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from service.engines.cluster import ClusterEngine, ray_options
+from service.engines.cluster import ClusterEngine, CouldNotRun, ray_options
 from service.jobs import Job
+from service.runner import error_of
 from service.settings import EngineSettings, Settings
 from service.worker_runtime import WorkerConfig, run_job_here
 from tasks import TaskSpec
@@ -129,7 +130,15 @@ class RayEngine(ClusterEngine):
         )
 
     async def _wait(self, handle: Any) -> None:
-        await asyncio.wrap_future(handle.future())
+        from ray.exceptions import RayTaskError
+
+        try:
+            await asyncio.wrap_future(handle.future())
+        except RayTaskError as exc:
+            # The Ray task itself raised (the runner catches a task's own errors), e.g. the
+            # worker cannot import the task's module. A lost worker raises other errors and
+            # the job is delivered again.
+            raise CouldNotRun(error_of(getattr(exc, "cause", None) or exc)) from exc
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         import ray
