@@ -70,6 +70,10 @@ def start_ray(engines: EngineSettings, temp_dir: str, log_to_driver: bool = True
     """
     # Ray 2.5x refuses to guess how a cluster authenticates; say it, unless the user did.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Under `uv run`, Ray would start each worker through `uv run` again (re-resolving the
+    # environment, even re-running the command line); corefleet's workers already share
+    # this process's environment, so turn that off unless the user asked for it.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
     if ray.is_initialized():
