@@ -76,11 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bare-config",
-        choices=("matched", "default"),
+        choices=("matched", "default", "matched-events"),
         default="matched",
-        help="bare Celery: corefleet's acks_late + prefetch 1, or Celery defaults",
+        help="bare Celery: corefleet's acks_late + prefetch 1, or Celery defaults; "
+        "matched-events also sends task events (-E), as corefleet's worker does for Flower",
     )
-    parser.add_argument("--jobs", type=int, default=20, help="CPU-bound jobs in the batch (20)")
+    parser.add_argument("--jobs", type=int, default=40, help="CPU-bound jobs in the batch (40)")
     parser.add_argument(
         "--job-seconds", type=float, default=0.2, help="target duration of one CPU-bound job (0.2)"
     )
@@ -140,8 +141,10 @@ def bare_worker(redis_url: str, config: str) -> Proc:
             "--without-gossip",
             "-l",
             "WARNING",
+            *(["-E"] if config.endswith("-events") else []),
         ],
-        env={**_env(redis_url), "BENCH_REDIS_URL": redis_url, "BENCH_BARE_CONFIG": config},
+        env={**_env(redis_url), "BENCH_REDIS_URL": redis_url,
+             "BENCH_BARE_CONFIG": config.removesuffix("-events")},
     )
 
 
