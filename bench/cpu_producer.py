@@ -23,43 +23,9 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-EVENTS = "cf:events"
-
-
-class Counter:
-    def __init__(self) -> None:
-        self.succeeded = 0
-        self.other_terminal = 0
-        self.target = 0
-        self.done = asyncio.Event()
-        self.done_at = 0.0
-
-    def reset(self, target: int) -> None:
-        self.succeeded = self.other_terminal = 0
-        self.target = target
-        self.done.clear()
-
-    def on_message(self, data: str) -> None:
-        # A substring test, not a JSON parse: the producer shares the CPUs it measures.
-        if '"state":"succeeded"' in data:
-            self.succeeded += 1
-        elif '"state":"running"' in data or '"state":"queued"' in data:
-            return
-        else:
-            self.other_terminal += 1
-        if self.succeeded + self.other_terminal >= self.target:
-            self.done_at = time.perf_counter()
-            self.done.set()
-
-
-async def listen(redis: aioredis.Redis, counter: Counter, ready: asyncio.Event) -> None:
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(EVENTS)
-    ready.set()
-    while True:
-        message = await pubsub.get_message(timeout=None)
-        if message is not None and message["type"] == "message":
-            counter.on_message(message["data"])
+# A sibling script (this file runs as ``python bench/cpu_producer.py``): the same counting
+# of ``succeeded`` events as the io benchmark's producer.
+from cf_producer import Counter, listen
 
 
 async def submit_all(

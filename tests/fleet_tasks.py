@@ -27,7 +27,7 @@ def _redis() -> aioredis.Redis:
 async def hold(seconds: float, ctx: TaskContext) -> int:
     """Record that this attempt started, wait ``seconds``, return the attempt number."""
     await _redis().rpush(f"test:started:{ctx.job_id}", ctx.attempt)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(seconds)  # sleep-ok: the point of the task: an attempt that takes time
     return ctx.attempt
 
 
@@ -40,7 +40,7 @@ async def boom(message: str) -> None:
 @task("test.slow", kind="io", timeout_s=0.2)
 async def slow() -> None:
     """Outlive its 0.2 s time limit."""
-    await asyncio.sleep(30)
+    await asyncio.sleep(30)  # sleep-ok: the point of the task: outlive its time limit
 
 
 @task("test.unserialisable", kind="io")
