@@ -108,14 +108,19 @@ async def produce_async(args: argparse.Namespace) -> dict[str, Any]:
     listener.cancel()
     good = 0
     for start in range(0, len(ids), 1000):
-        good += await pool.exists(*(result_key_prefix + i for i in ids[start:start + 1000]))
+        good += await pool.exists(*(result_key_prefix + i for i in ids[start : start + 1000]))
     await pool.aclose()
     return {
-        "system": "arq", "n": args.n, "concurrency": args.concurrency, "wall_s": wall,
-        "submit_s": submitted - started, "jobs_per_s": args.n / wall,
+        "system": "arq",
+        "n": args.n,
+        "concurrency": args.concurrency,
+        "wall_s": wall,
+        "submit_s": submitted - started,
+        "jobs_per_s": args.n / wall,
         "producer_cpu_s": time.process_time() - cpu0,
         "submit_jobs_per_s": args.n / (submitted - started),
-        "result_events": counter.count, "verified_results": good,
+        "result_events": counter.count,
+        "verified_results": good,
     }
 
 

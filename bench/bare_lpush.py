@@ -49,8 +49,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     args = parser.parse_args()
-    web.run_app(create_app(args.redis_url), host=args.host, port=args.port,
-                print=lambda *_: None, access_log=None)
+    web.run_app(
+        create_app(args.redis_url),
+        host=args.host,
+        port=args.port,
+        print=lambda *_: None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,9 @@ async def listen(redis: aioredis.Redis, counter: Counter, ready: asyncio.Event) 
             counter.on_message(message["data"])
 
 
-async def submit_all(session: aiohttp.ClientSession, url: str, n: int, mode: str,
-                     batch_size: int, concurrency: int) -> list[str]:
+async def submit_all(
+    session: aiohttp.ClientSession, url: str, n: int, mode: str, batch_size: int, concurrency: int
+) -> list[str]:
     ids: list[str] = []
     gate = asyncio.Semaphore(concurrency)
 
@@ -78,7 +79,8 @@ async def submit_all(session: aiohttp.ClientSession, url: str, n: int, mode: str
     if mode == "batch":
         sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
         replies = await asyncio.gather(
-            *(post("/v1/jobs/batch", {"jobs": [JOB] * size}) for size in sizes))
+            *(post("/v1/jobs/batch", {"jobs": [JOB] * size}) for size in sizes)
+        )
         for reply in replies:
             ids.extend(job["id"] for job in reply["jobs"])
     else:
@@ -92,7 +94,7 @@ async def check_results(redis: aioredis.Redis, ids: list[str]) -> int:
     good = 0
     for start in range(0, len(ids), 1000):
         pipe = redis.pipeline(transaction=False)
-        for job_id in ids[start:start + 1000]:
+        for job_id in ids[start : start + 1000]:
             pipe.hmget(f"cf:job:{job_id}", ["state", "result"])
         for state, result in await pipe.execute():
             good += state == "succeeded" and result == "1"
@@ -110,13 +112,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector) as session:
         if args.warmup:
             counter.reset(args.warmup)
-            await submit_all(session, args.url, args.warmup, args.mode, args.batch_size,
-                             args.concurrency)
+            await submit_all(
+                session, args.url, args.warmup, args.mode, args.batch_size, args.concurrency
+            )
             await asyncio.wait_for(counter.done.wait(), args.timeout)
         counter.reset(args.n)
         started = time.perf_counter()
-        ids = await submit_all(session, args.url, args.n, args.mode, args.batch_size,
-                               args.concurrency)
+        ids = await submit_all(
+            session, args.url, args.n, args.mode, args.batch_size, args.concurrency
+        )
         submitted = time.perf_counter()
         await asyncio.wait_for(counter.done.wait(), args.timeout)
     wall = counter.done_at - started
@@ -124,12 +128,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     good = await check_results(redis, ids)
     await redis.aclose()
     return {
-        "system": "corefleet", "n": args.n, "mode": args.mode, "batch_size": args.batch_size,
-        "concurrency": args.concurrency, "wall_s": wall,
-        "submit_s": submitted - started, "jobs_per_s": args.n / wall,
+        "system": "corefleet",
+        "n": args.n,
+        "mode": args.mode,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "wall_s": wall,
+        "submit_s": submitted - started,
+        "jobs_per_s": args.n / wall,
         "producer_cpu_s": time.process_time() - cpu0,
         "submit_jobs_per_s": args.n / (submitted - started),
-        "succeeded_events": counter.succeeded, "other_terminal_events": counter.other_terminal,
+        "succeeded_events": counter.succeeded,
+        "other_terminal_events": counter.other_terminal,
         "verified_results": good,
     }
 

@@ -36,8 +36,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll ``check`` until it is true (for processes with no way to signal readiness)."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -61,8 +62,9 @@ def stamp() -> str:
 class Proc:
     """A child process with its output in a log file; a context manager that stops it."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                 cwd: Path = ROOT) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = {**os.environ, **(env or {})}
@@ -74,8 +76,13 @@ class Proc:
     def start(self) -> Self:
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT)
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     @property
@@ -102,8 +109,9 @@ class Proc:
 
     def _check_alive(self) -> bool:
         if not self.alive():
-            raise RuntimeError(f"{self.name} exited early; its log ({self.log_path}):\n"
-                               f"{self.log_text()[-3000:]}")
+            raise RuntimeError(
+                f"{self.name} exited early; its log ({self.log_path}):\n{self.log_text()[-3000:]}"
+            )
         return True
 
     def wait_ready(self, check: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -139,9 +147,23 @@ class RedisServer(Proc):
 
     def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
         self.port = port or free_port()
-        super().__init__("redis", [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--daemonize", "no", *extra])
+        super().__init__(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                *extra,
+            ],
+        )
 
     @property
     def url(self) -> str:
@@ -156,8 +178,9 @@ class RedisServer(Proc):
         """Run one Redis command with the sync redis-py client of this interpreter."""
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30,
-                             decode_responses=True)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=30, decode_responses=True
+        )
         try:
             return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:
@@ -182,15 +205,23 @@ class RedisServer(Proc):
         return "?"
 
 
-def run_json_child(name: str, argv: Sequence[str], timeout: float,
-                   env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run_json_child(
+    name: str, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Run a helper to completion; its last stdout line that starts with ``{`` is the result."""
-    proc = subprocess.run(list(argv), cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        list(argv),
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        )
     return dict(json.loads(lines[-1]))
 
 
@@ -233,8 +264,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Mapping[str, 
     print("  ".join(col.ljust(w) for col, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for r in cells:
-        print("  ".join(c.rjust(w) if i else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
 
 
 def save_results(name: str, payload: Mapping[str, Any]) -> Path:

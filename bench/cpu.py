@@ -143,8 +143,11 @@ def bare_worker(redis_url: str, config: str) -> Proc:
             "WARNING",
             *(["-E"] if config.endswith("-events") else []),
         ],
-        env={**_env(redis_url), "BENCH_REDIS_URL": redis_url,
-             "BENCH_BARE_CONFIG": config.removesuffix("-events")},
+        env={
+            **_env(redis_url),
+            "BENCH_REDIS_URL": redis_url,
+            "BENCH_BARE_CONFIG": config.removesuffix("-events"),
+        },
     )
 
 

@@ -45,8 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as resp:
         return dict(json.loads(resp.read()))
 
@@ -63,12 +67,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     call = [args.n, args.dtype, args.repeat, 0]
     with RedisServer() as redis:
         port = free_port()
-        worker_env = {"COREFLEET_REDIS_URL": redis.url, "COREFLEET_LOG_LEVEL": "WARNING",
-                      "CUDA_VISIBLE_DEVICES": "" if args.cpu else args.device}
+        worker_env = {
+            "COREFLEET_REDIS_URL": redis.url,
+            "COREFLEET_LOG_LEVEL": "WARNING",
+            "CUDA_VISIBLE_DEVICES": "" if args.cpu else args.device,
+        }
         if args.cpu:
             worker_env["COREFLEET_GPU_FALLBACK"] = "cpu"
-        worker = Proc("gpu-worker", [PYTHON, "-m", "clients.cli", "worker", "--gpu"],
-                      env=worker_env)
+        worker = Proc(
+            "gpu-worker", [PYTHON, "-m", "clients.cli", "worker", "--gpu"], env=worker_env
+        )
         with gateway_proc(redis.url, port) as gateway, worker:
             base = f"http://127.0.0.1:{port}"
             gateway.wait_ready(lambda: http_ok(base + "/healthz"), 60)
@@ -79,22 +87,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if done["state"] != "succeeded":
                     raise RuntimeError(f"gpu.matmul job {done['state']}: {done['error']}")
                 jobs.append(done["result"])
-    bare_argv = [PYTHON, str(BENCH / "gpu_bare.py"), "--n", str(args.n), "--dtype", args.dtype,
-                 "--repeat", str(args.repeat)] + (["--cpu"] if args.cpu else [])
+    bare_argv = [
+        PYTHON,
+        str(BENCH / "gpu_bare.py"),
+        "--n",
+        str(args.n),
+        "--dtype",
+        args.dtype,
+        "--repeat",
+        str(args.repeat),
+    ] + (["--cpu"] if args.cpu else [])
     env = {"CUDA_VISIBLE_DEVICES": args.device} if not args.cpu else {}
     bare = [run_json_child("gpu-bare", bare_argv, 600, env) for _ in range(args.runs)]
     corefleet = median(r["tflops"] for r in jobs[1:])
     baseline = median(r["tflops"] for r in bare)
     ratio = corefleet / baseline
     rows = [
-        {"side": "corefleet gpu.matmul job", "TFLOP/s": corefleet, "device": jobs[-1]["device"],
-         "checksum": jobs[-1]["checksum"]},
-        {"side": "bare CuPy" if not args.cpu else "bare NumPy", "TFLOP/s": baseline,
-         "device": bare[-1]["device"], "checksum": bare[-1]["checksum"]},
+        {
+            "side": "corefleet gpu.matmul job",
+            "TFLOP/s": corefleet,
+            "device": jobs[-1]["device"],
+            "checksum": jobs[-1]["checksum"],
+        },
+        {
+            "side": "bare CuPy" if not args.cpu else "bare NumPy",
+            "TFLOP/s": baseline,
+            "device": bare[-1]["device"],
+            "checksum": bare[-1]["checksum"],
+        },
     ]
-    print_table(f"gpu.matmul n={args.n} {args.dtype} x{args.repeat}, median of {args.runs}",
-                ["side", "TFLOP/s", "device", "checksum"], rows)
+    print_table(
+        f"gpu.matmul n={args.n} {args.dtype} x{args.repeat}, median of {args.runs}",
+        ["side", "TFLOP/s", "device", "checksum"],
+        rows,
+    )
     print(f"corefleet / bare: {ratio:.3f} {verdict(ratio, TARGET)}")
-    return {"benchmark": NAME, "machine": machine_info(), "args": vars(args), "rows": rows,
-            "ratio": ratio, "target": TARGET, "cuda_visible_devices":
-            os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "benchmark": NAME,
+        "machine": machine_info(),
+        "args": vars(args),
+        "rows": rows,
+        "ratio": ratio,
+        "target": TARGET,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }

@@ -50,8 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=10_000, help="jobs per timed run (10000)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per system (1)")
     parser.add_argument("--warmup", type=int, default=500, help="warm-up jobs per run (500)")
-    parser.add_argument("--cf-mode", choices=("batch", "single", "both"), default="batch",
-                        help="corefleet submission: batch POSTs, single POSTs, or both")
+    parser.add_argument(
+        "--cf-mode",
+        choices=("batch", "single", "both"),
+        default="batch",
+        help="corefleet submission: batch POSTs, single POSTs, or both",
+    )
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--skip-arq", action="store_true", help="run corefleet only")
 
@@ -63,32 +67,55 @@ def ensure_arq_venv() -> None:
             return
     print("creating bench/.venv-arq with arq 0.28 (uv) ...", flush=True)
     subprocess.run(["uv", "venv", str(ARQ_VENV), "-p", "3.11"], check=True, cwd=ROOT)
-    subprocess.run(["uv", "pip", "install", "-p", str(ARQ_PYTHON), "arq==0.28.*"],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+        ["uv", "pip", "install", "-p", str(ARQ_PYTHON), "arq==0.28.*"], check=True, cwd=ROOT
+    )
 
 
 def run_corefleet(redis: RedisServer, args: argparse.Namespace, mode: str) -> dict[str, Any]:
     redis.flush()
     port = free_port()
     gateway = gateway_proc(redis.url, port)
-    worker = Proc("io-worker", [PYTHON, "-m", "clients.cli", "io-worker"], env={
-        "COREFLEET_REDIS_URL": redis.url,
-        "COREFLEET_IO_CONCURRENCY": "1000",
-        "COREFLEET_LOG_LEVEL": "INFO",  # for the start-up line; nothing is logged per job
-    })
+    worker = Proc(
+        "io-worker",
+        [PYTHON, "-m", "clients.cli", "io-worker"],
+        env={
+            "COREFLEET_REDIS_URL": redis.url,
+            "COREFLEET_IO_CONCURRENCY": "1000",
+            "COREFLEET_LOG_LEVEL": "INFO",  # for the start-up line; nothing is logged per job
+        },
+    )
     url = f"http://127.0.0.1:{port}"
     with gateway, worker:
         gateway.wait_ready(lambda: http_ok(url + "/healthz"))
         worker.wait_log("consuming")
         single = mode == "single"
         before = {p.name: p.cpu_seconds() for p in (gateway, worker, redis)}
-        result = run_json_child("cf_producer", [
-            PYTHON, str(BENCH / "cf_producer.py"), "--url", url, "--redis-url", redis.url,
-            "--n", str(args.n), "--warmup", str(args.warmup), "--mode", mode,
-            "--batch-size", str(args.batch_size), "--concurrency", "64" if single else "4",
-        ], timeout=300)
-        result["cpu_s"] = {p.name: p.cpu_seconds() - before[p.name]
-                           for p in (gateway, worker, redis)}
+        result = run_json_child(
+            "cf_producer",
+            [
+                PYTHON,
+                str(BENCH / "cf_producer.py"),
+                "--url",
+                url,
+                "--redis-url",
+                redis.url,
+                "--n",
+                str(args.n),
+                "--warmup",
+                str(args.warmup),
+                "--mode",
+                mode,
+                "--batch-size",
+                str(args.batch_size),
+                "--concurrency",
+                "64" if single else "4",
+            ],
+            timeout=300,
+        )
+        result["cpu_s"] = {
+            p.name: p.cpu_seconds() - before[p.name] for p in (gateway, worker, redis)
+        }
         result["cpu_s"]["producer"] = result.pop("producer_cpu_s")
         return result
 
@@ -96,18 +123,41 @@ def run_corefleet(redis: RedisServer, args: argparse.Namespace, mode: str) -> di
 def run_arq(redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
     redis.flush()
     redis.command("CONFIG", "SET", "notify-keyspace-events", "E$")
-    worker = Proc("arq-worker", [str(ARQ_PYTHON), str(BENCH / "arq_side.py"), "worker",
-                                 "--redis-port", str(redis.port), "--max-jobs", "1000",
-                                 "--poll-delay", "0.01"])
+    worker = Proc(
+        "arq-worker",
+        [
+            str(ARQ_PYTHON),
+            str(BENCH / "arq_side.py"),
+            "worker",
+            "--redis-port",
+            str(redis.port),
+            "--max-jobs",
+            "1000",
+            "--poll-delay",
+            "0.01",
+        ],
+    )
     try:
         with worker:
             worker.wait_ready(lambda: bool(redis.command("EXISTS", ARQ_HEALTH_KEY)))
             before = {p.name: p.cpu_seconds() for p in (worker, redis)}
-            result = run_json_child("arq_producer", [
-                str(ARQ_PYTHON), str(BENCH / "arq_side.py"), "produce",
-                "--redis-port", str(redis.port), "--n", str(args.n),
-                "--warmup", str(args.warmup), "--concurrency", "64",
-            ], timeout=300)
+            result = run_json_child(
+                "arq_producer",
+                [
+                    str(ARQ_PYTHON),
+                    str(BENCH / "arq_side.py"),
+                    "produce",
+                    "--redis-port",
+                    str(redis.port),
+                    "--n",
+                    str(args.n),
+                    "--warmup",
+                    str(args.warmup),
+                    "--concurrency",
+                    "64",
+                ],
+                timeout=300,
+            )
             result["cpu_s"] = {p.name: p.cpu_seconds() - before[p.name] for p in (worker, redis)}
             result["cpu_s"]["producer"] = result.pop("producer_cpu_s")
             return result
@@ -136,10 +186,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["label"] = system
                 result["repeat"] = rep + 1
                 runs.append(result)
-                print(f"  {result['label']:<16} run {rep + 1}: {result['jobs_per_s']:,.0f} jobs/s "
-                      f"end to end ({result['wall_s']:.2f} s), submit phase "
-                      f"{result['submit_jobs_per_s']:,.0f} jobs/s, "
-                      f"verified {result['verified_results']}/{result['n']}", flush=True)
+                print(
+                    f"  {result['label']:<16} run {rep + 1}: {result['jobs_per_s']:,.0f} jobs/s "
+                    f"end to end ({result['wall_s']:.2f} s), submit phase "
+                    f"{result['submit_jobs_per_s']:,.0f} jobs/s, "
+                    f"verified {result['verified_results']}/{result['n']}",
+                    flush=True,
+                )
         redis_version = redis.version()
 
     summary: dict[str, dict[str, Any]] = {}
@@ -153,32 +206,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # CPU over the whole producer run (warm-up included), per job submitted.
             "cpu_us_per_job": {
                 proc: median(r["cpu_s"][proc] for r in mine) * 1e6 / (args.n + args.warmup)
-                for proc in mine[0]["cpu_s"]},
+                for proc in mine[0]["cpu_s"]
+            },
         }
     ratios = {}
     if "arq" in summary:
         for label, s in summary.items():
             if label != "arq":
                 ratios[label] = s["median_jobs_per_s"] / summary["arq"]["median_jobs_per_s"]
-    rows = [{"system": label, "jobs/s e2e": s["median_jobs_per_s"],
-             "wall s": s["median_wall_s"], "submit jobs/s": s["median_submit_jobs_per_s"],
-             "verified": s["verified"],
-             "cpu us/job": " ".join(f"{k}={v:.0f}" for k, v in s["cpu_us_per_job"].items()),
-             "vs arq": f"{ratios[label]:.2f}" if label in ratios else ""}
-            for label, s in summary.items()]
-    print_table(f"io.echo end to end, N={args.n}, {args.repeats} run(s) each (median)",
-                ["system", "jobs/s e2e", "wall s", "submit jobs/s", "verified", "vs arq",
-                 "cpu us/job"], rows)
+    rows = [
+        {
+            "system": label,
+            "jobs/s e2e": s["median_jobs_per_s"],
+            "wall s": s["median_wall_s"],
+            "submit jobs/s": s["median_submit_jobs_per_s"],
+            "verified": s["verified"],
+            "cpu us/job": " ".join(f"{k}={v:.0f}" for k, v in s["cpu_us_per_job"].items()),
+            "vs arq": f"{ratios[label]:.2f}" if label in ratios else "",
+        }
+        for label, s in summary.items()
+    ]
+    print_table(
+        f"io.echo end to end, N={args.n}, {args.repeats} run(s) each (median)",
+        ["system", "jobs/s e2e", "wall s", "submit jobs/s", "verified", "vs arq", "cpu us/job"],
+        rows,
+    )
     for label, ratio in ratios.items():
         print(f"{label} / arq: {verdict(ratio, TARGET)}")
     return {
         "benchmark": NAME,
         "machine": info,
         "redis_version": redis_version,
-        "params": {"n": args.n, "repeats": args.repeats, "warmup": args.warmup,
-                   "cf_modes": modes, "batch_size": args.batch_size,
-                   "cf_io_concurrency": 1000, "arq_max_jobs": 1000, "arq_poll_delay_s": 0.01,
-                   "arq_enqueue_concurrency": 64},
+        "params": {
+            "n": args.n,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "cf_modes": modes,
+            "batch_size": args.batch_size,
+            "cf_io_concurrency": 1000,
+            "arq_max_jobs": 1000,
+            "arq_poll_delay_s": 0.01,
+            "arq_enqueue_concurrency": 64,
+        },
         "runs": runs,
         "summary": summary,
         "ratios_over_arq": ratios,

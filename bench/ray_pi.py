@@ -41,16 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def heavy_gateway(redis_url: str, port: int, ray_cpus: int) -> Proc:
     """A gateway whose heavy jobs run on its own local Ray of ``ray_cpus`` CPUs."""
-    return Proc("gateway-ray", [PYTHON, "-m", "clients.cli", "gateway"], env={
-        "COREFLEET_REDIS_URL": redis_url,
-        "COREFLEET_HOST": "127.0.0.1",
-        "COREFLEET_PORT": str(port),
-        "COREFLEET_RAY_CPUS": str(ray_cpus),
-        "COREFLEET_TASK_MODULES": "bench.heavy_tasks",
-        "COREFLEET_MAX_WAIT_S": "600",
-        "COREFLEET_LOG_LEVEL": "WARNING",
-        "RAY_AUTH_MODE": "disabled",
-    })
+    return Proc(
+        "gateway-ray",
+        [PYTHON, "-m", "clients.cli", "gateway"],
+        env={
+            "COREFLEET_REDIS_URL": redis_url,
+            "COREFLEET_HOST": "127.0.0.1",
+            "COREFLEET_PORT": str(port),
+            "COREFLEET_RAY_CPUS": str(ray_cpus),
+            "COREFLEET_TASK_MODULES": "bench.heavy_tasks",
+            "COREFLEET_MAX_WAIT_S": "600",
+            "COREFLEET_LOG_LEVEL": "WARNING",
+            "RAY_AUTH_MODE": "disabled",
+        },
+    )
 
 
 class GatewayClient:
@@ -73,6 +77,13 @@ class GatewayClient:
         status, record = self._call("GET", f"/v1/jobs/{job['id']}?wait=600")
         if status != 200 or record["state"] != "succeeded":
             raise RuntimeError(f"{task} did not succeed: {record}")
+        return dict(record)
+
+    def run_in_one_trip(self, task: str, *args: Any) -> dict[str, Any]:
+        """Submit and wait in one request: ``POST /v1/jobs?wait=``."""
+        status, record = self._call("POST", "/v1/jobs?wait=600", {"task": task, "args": list(args)})
+        if status != 200 or record["state"] != "succeeded":
+            raise RuntimeError(f"{task} did not succeed: {status} {record}")
         return dict(record)
 
     def close(self) -> None:
@@ -105,21 +116,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     base_hits = sum(pi_chunk(size, seed, i) for i, size in enumerate(sizes))
                     base_times.append(time.perf_counter() - t0)
-                    print(f"  run {rep + 1}: corefleet {cf_times[-1]:.2f} s, "
-                          f"one process {base_times[-1]:.2f} s", flush=True)
+                    print(
+                        f"  run {rep + 1}: corefleet {cf_times[-1]:.2f} s, "
+                        f"one process {base_times[-1]:.2f} s",
+                        flush=True,
+                    )
             finally:
                 client.close()
     if base_hits != hits:
         raise RuntimeError(f"hit counts differ: Ray {hits}, one process {base_hits}")
     speedup = median(base_times) / median(cf_times)
     rows = [
-        {"system": f"corefleet heavy.pi, Ray {args.ray_cpus} CPUs", "median s": median(cf_times),
-         "runs s": " / ".join(f"{t:.2f}" for t in cf_times)},
-        {"system": "one process (same chunks)", "median s": median(base_times),
-         "runs s": " / ".join(f"{t:.2f}" for t in base_times)},
+        {
+            "system": f"corefleet heavy.pi, Ray {args.ray_cpus} CPUs",
+            "median s": median(cf_times),
+            "runs s": " / ".join(f"{t:.2f}" for t in cf_times),
+        },
+        {
+            "system": "one process (same chunks)",
+            "median s": median(base_times),
+            "runs s": " / ".join(f"{t:.2f}" for t in base_times),
+        },
     ]
-    print_table(f"heavy.pi, {args.samples:,} samples in {args.chunks} chunks",
-                ["system", "median s", "runs s"], rows)
+    print_table(
+        f"heavy.pi, {args.samples:,} samples in {args.chunks} chunks",
+        ["system", "median s", "runs s"],
+        rows,
+    )
     print(f"speed-up: {verdict(speedup, TARGET)}")
-    return {"machine": info, "args": vars(args), "hits": hits, "corefleet_s": cf_times,
-            "one_process_s": base_times, "speedup": speedup, "target": TARGET}
+    return {
+        "machine": info,
+        "args": vars(args),
+        "hits": hits,
+        "corefleet_s": cf_times,
+        "one_process_s": base_times,
+        "speedup": speedup,
+        "target": TARGET,
+    }

@@ -44,8 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(modules)
     args = parser.parse_args(argv)
     everyday = [m for m in modules if m.__name__ in BENCHMARKS]
-    chosen = everyday if args.benchmark == "all" else [
-        m for m in modules if args.benchmark == m.NAME]
+    chosen = (
+        everyday if args.benchmark == "all" else [m for m in modules if args.benchmark == m.NAME]
+    )
     for module in chosen:
         module_args = args
         if args.benchmark == "all":

@@ -46,40 +46,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def gateway_proc(redis_url: str, port: int, embedded_worker: bool = False) -> Proc:
-    return Proc("gateway", [PYTHON, "-m", "clients.cli", "gateway"], env={
-        "COREFLEET_REDIS_URL": redis_url,
-        "COREFLEET_HOST": "127.0.0.1",
-        "COREFLEET_PORT": str(port),
-        "COREFLEET_EMBEDDED_IO_WORKER": "1" if embedded_worker else "0",
-        "COREFLEET_LOG_LEVEL": "WARNING",
-    })
+    return Proc(
+        "gateway",
+        [PYTHON, "-m", "clients.cli", "gateway"],
+        env={
+            "COREFLEET_REDIS_URL": redis_url,
+            "COREFLEET_HOST": "127.0.0.1",
+            "COREFLEET_PORT": str(port),
+            "COREFLEET_EMBEDDED_IO_WORKER": "1" if embedded_worker else "0",
+            "COREFLEET_LOG_LEVEL": "WARNING",
+        },
+    )
 
 
 def bare_proc(redis_url: str, port: int) -> Proc:
-    return Proc("bare", [PYTHON, str(BENCH / "bare_lpush.py"), "--port", str(port),
-                         "--redis-url", redis_url])
+    return Proc(
+        "bare",
+        [PYTHON, str(BENCH / "bare_lpush.py"), "--port", str(port), "--redis-url", redis_url],
+    )
 
 
 def post_once(url: str) -> int:
-    request = urllib.request.Request(url, data=BODY.encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=BODY.encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=5) as resp:
         return int(resp.status)
 
 
 def wrk(url: str, duration: float, connections: int, threads: int) -> dict[str, Any]:
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-            "--latency", "-s", str(BENCH / "wrk_post.lua"), url]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
-                          env={**os.environ, "BENCH_BODY": BODY})
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-s",
+        str(BENCH / "wrk_post.lua"),
+        url,
+    ]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        env={**os.environ, "BENCH_BODY": BODY},
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_JSON "):
-            stats = dict(json.loads(line[len("BENCH_JSON "):]))
+            stats = dict(json.loads(line[len("BENCH_JSON ") :]))
             stats["rps"] = stats["requests"] / (stats["duration_us"] / 1e6)
             stats["errors"] = sum(v for k, v in stats.items() if k.startswith("errors_"))
             return stats
-    raise RuntimeError(f"wrk gave no summary (exit {proc.returncode}):\n"
-                       f"{proc.stdout}\n{proc.stderr}")
+    raise RuntimeError(
+        f"wrk gave no summary (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,8 +114,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "corefleet": gateway_proc(redis.url, cf_port),
             "bare_lpush": bare_proc(redis.url, bare_port),
         }
-        urls = {"corefleet": f"http://127.0.0.1:{cf_port}",
-                "bare_lpush": f"http://127.0.0.1:{bare_port}"}
+        urls = {
+            "corefleet": f"http://127.0.0.1:{cf_port}",
+            "bare_lpush": f"http://127.0.0.1:{bare_port}",
+        }
         try:
             for proc in servers.values():
                 proc.start()
@@ -110,14 +133,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for rep in range(args.repeats):
                 for name in order if rep % 2 == 0 else order[::-1]:
                     redis.flush()
-                    stats = wrk(urls[name] + "/v1/jobs", args.duration, args.connections,
-                                args.threads)
+                    stats = wrk(
+                        urls[name] + "/v1/jobs", args.duration, args.connections, args.threads
+                    )
                     stats.update(server=name, repeat=rep + 1)
                     runs.append(stats)
-                    print(f"  {name:<10} run {rep + 1}: {stats['rps']:,.0f} req/s, "
-                          f"p50 {stats['latency_p50_us'] / 1000:.1f} ms, "
-                          f"p99 {stats['latency_p99_us'] / 1000:.1f} ms, "
-                          f"errors {stats['errors']}", flush=True)
+                    print(
+                        f"  {name:<10} run {rep + 1}: {stats['rps']:,.0f} req/s, "
+                        f"p50 {stats['latency_p50_us'] / 1000:.1f} ms, "
+                        f"p99 {stats['latency_p99_us'] / 1000:.1f} ms, "
+                        f"errors {stats['errors']}",
+                        flush=True,
+                    )
         finally:
             for proc in servers.values():
                 proc.stop()
@@ -134,21 +161,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "errors": sum(r["errors"] for r in mine),
         }
     ratio = summary["corefleet"]["median_rps"] / summary["bare_lpush"]["median_rps"]
-    rows = [{"server": name, "median req/s": s["median_rps"],
-             "runs req/s": " / ".join(f"{v:,.0f}" for v in s["runs_rps"]),
-             "p50 ms": s["median_p50_ms"], "p99 ms": s["median_p99_ms"],
-             "errors": s["errors"]} for name, s in summary.items()]
-    print_table(f"POST /v1/jobs, {args.connections} connections, {args.duration:g} s x "
-                f"{args.repeats} (median)",
-                ["server", "median req/s", "runs req/s", "p50 ms", "p99 ms", "errors"], rows)
+    rows = [
+        {
+            "server": name,
+            "median req/s": s["median_rps"],
+            "runs req/s": " / ".join(f"{v:,.0f}" for v in s["runs_rps"]),
+            "p50 ms": s["median_p50_ms"],
+            "p99 ms": s["median_p99_ms"],
+            "errors": s["errors"],
+        }
+        for name, s in summary.items()
+    ]
+    print_table(
+        f"POST /v1/jobs, {args.connections} connections, {args.duration:g} s x "
+        f"{args.repeats} (median)",
+        ["server", "median req/s", "runs req/s", "p50 ms", "p99 ms", "errors"],
+        rows,
+    )
     print(f"corefleet / bare: {verdict(ratio, TARGET)}")
     return {
         "benchmark": NAME,
         "machine": info,
         "redis_version": redis_version,
-        "params": {"duration_s": args.duration, "repeats": args.repeats,
-                   "connections": args.connections, "wrk_threads": args.threads,
-                   "warmup_s": args.warmup, "body": BODY, "load_generator": "wrk"},
+        "params": {
+            "duration_s": args.duration,
+            "repeats": args.repeats,
+            "connections": args.connections,
+            "wrk_threads": args.threads,
+            "warmup_s": args.warmup,
+            "body": BODY,
+            "load_generator": "wrk",
+        },
         "runs": runs,
         "summary": summary,
         "ratio_corefleet_over_bare": ratio,

@@ -180,9 +180,21 @@ def _wait_seconds(request: web.Request) -> float:
 
 
 async def submit_job(request: web.Request) -> web.Response:
-    """Submit one job; 202 once it is stored."""
-    job = await request.app[SUBMITTER].submit(await _json_body(request))
-    response = _job_json(job, status=202)
+    """Submit one job; 202 once it is stored.
+
+    With ``?wait=S`` the request is held until the job is terminal (200 with the finished
+    record) or S pass (202 with the record as it is then): submit and result in one trip.
+    """
+    wait = _wait_seconds(request)
+    submitter = request.app[SUBMITTER]
+    job = submitter.prepare(await _json_body(request))
+    if wait > 0:
+        with request.app[HUB].watch(job.id) as changed:  # watch before it can finish
+            await submitter.enqueue([job])
+            job = await _wait_watched(request.app, job.id, changed, wait, known=job) or job
+    else:
+        await submitter.enqueue([job])
+    response = _job_json(job, status=200 if job.state.terminal else 202)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return response
 
@@ -214,16 +226,32 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def _wait_terminal(app: web.Application, job_id: str, wait: float) -> Job | None:
-    deadline = time.monotonic() + wait
     with app[HUB].watch(job_id) as changed:  # watch first, then read: no change is missed
-        while True:
+        return await _wait_watched(app, job_id, changed, wait)
+
+
+async def _wait_watched(
+    app: web.Application,
+    job_id: str,
+    changed: asyncio.Event,
+    wait: float,
+    known: Job | None = None,
+) -> Job | None:
+    """The job once terminal or after ``wait`` seconds; ``changed`` is its watch.
+
+    ``known``: the record as the caller already has it (saves the first read).
+    """
+    deadline = time.monotonic() + wait
+    job = known
+    while True:
+        if job is None or changed.is_set():
             changed.clear()
             job = await app[STORE].get(job_id)
-            remaining = deadline - time.monotonic()
-            if job is None or job.state.terminal or remaining <= 0:
-                return job
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+        remaining = deadline - time.monotonic()
+        if job is None or job.state.terminal or remaining <= 0:
+            return job
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), remaining)
 
 
 #: Seconds between keep-alive comments on an idle event stream.

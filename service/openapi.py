@@ -123,9 +123,18 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/v1/jobs": {
                 "post": {
-                    "summary": "Submit one job",
+                    "summary": "Submit one job; with ?wait=S, return when it is terminal",
+                    "parameters": [
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0},
+                        }
+                    ],
                     "requestBody": body,
                     "responses": {
+                        "200": _json(_ref("Job"), "Finished within ?wait"),
                         "202": _json(_ref("Job"), "Stored and queued"),
                         **_errors(400, 404, 413, 503),
                     },

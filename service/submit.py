@@ -118,8 +118,12 @@ class Submitter:
     async def submit_many(self, bodies: list[Any]) -> list[Job]:
         """Validate every job first, then store and queue them all in one script call."""
         jobs = [self.prepare(body) for body in bodies]
+        await self.enqueue(jobs)
+        return jobs
+
+    async def enqueue(self, jobs: list[Job]) -> None:
+        """Store and queue prepared jobs, all or none."""
         for job in jobs:
             if job.options.get("require_worker"):
                 await self._require_worker(job)
         await self.store.create(jobs, lambda job: self.engines[job.engine].dispatch(job))
-        return jobs

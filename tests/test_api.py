@@ -217,3 +217,19 @@ async def test_events_of_an_unknown_job_is_404(gateway: Gateway) -> None:
     """The event stream of an id with no job is a JSON 404, not an empty stream."""
     status, body = await gateway.call("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV/events")
     assert (status, body["error"]["code"]) == (404, "job_not_found")
+
+
+async def test_submit_with_wait_returns_the_result_in_one_trip(gateway: Gateway) -> None:
+    """POST /v1/jobs?wait=S answers 200 with the finished record, or 202 if S ran out."""
+    status, done = await gateway.call(
+        "POST", "/v1/jobs?wait=10", json={"task": "io.echo", "args": ["now"]}
+    )
+    assert status == 200 and done["state"] == "succeeded" and done["result"] == "now"
+    status, pending = await gateway.call(
+        "POST", "/v1/jobs?wait=0.1", json={"task": "io.sleep", "args": [5]}
+    )
+    assert status == 202 and pending["state"] in ("queued", "running")
+    status, bad = await gateway.call(
+        "POST", "/v1/jobs?wait=nope", json={"task": "io.echo", "args": [1]}
+    )
+    assert status == 400 and bad["error"]["code"] == "invalid_parameter"
