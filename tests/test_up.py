@@ -40,6 +40,8 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         assert (tmp_path / "data" / "redis").is_dir()
         tree = process_tree(proc.pid)
         assert f"flower     http://127.0.0.1:{flower_port}" in banner
+        # No GPU here: up says so, and its gpu worker runs gpu jobs on the CPU fallback.
+        assert "no GPU found: gpu jobs run on the CPU" in banner
         assert http_ok(f"http://127.0.0.1:{flower_port}/healthcheck")
         assert len(tree) >= 5  # up, the embedded Redis, the gateway, the worker, Flower
         request = urllib.request.Request(
@@ -64,6 +66,15 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=60", timeout=70) as resp:
             done = json.loads(resp.read())
         assert done["state"] == "succeeded" and done["result"] == 25
+        request = urllib.request.Request(
+            url + "/v1/jobs?wait=60",
+            data=json.dumps({"task": "gpu.fft", "args": [8]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=70) as resp:
+            done = json.loads(resp.read())
+        assert done["state"] == "succeeded" and done["result"]["device"] == "cpu"
         tree = process_tree(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
