@@ -1,7 +1,9 @@
 """Settings: frozen dataclasses read once from ``COREFLEET_*`` environment variables.
 
-Every component receives the settings it needs explicitly; nothing reads the environment
-later. The README's settings table lists every variable read here.
+Every component receives the settings it needs explicitly. The one exception is
+``COREFLEET_GPU_FALLBACK``, which the gpu tasks read in the worker process that runs them
+(``corefleet worker --gpu`` sets it from these settings). The README's settings table lists
+every variable, and a test keeps the two in step.
 """
 
 from __future__ import annotations
