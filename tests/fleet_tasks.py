@@ -74,7 +74,7 @@ def cpu_hold(seconds: float, ctx: TaskContext) -> int:
     """Record this attempt and the child's pid, block ``seconds``, return the attempt."""
     client = _sync_redis()
     client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
-    time.sleep(seconds)  # the point of the task: keep a worker child busy
+    time.sleep(seconds)  # sleep-ok: the point of the task: keep a worker child busy
     return ctx.attempt
 
 
@@ -98,7 +98,7 @@ def cpu_boom(message: str) -> None:
 def ray_hold(seconds: float, ctx: TaskContext) -> int:
     """Record this attempt and the Ray worker's pid, block ``seconds``, return the attempt."""
     _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
-    time.sleep(seconds)  # the point of the task: a running Ray task that ignores ctx
+    time.sleep(seconds)  # sleep-ok: the point of the task: a running Ray task that ignores ctx
     return ctx.attempt
 
 
@@ -121,7 +121,7 @@ def dask_until_cancelled(ctx: TaskContext) -> str:
     client.rpush(f"test:started:{ctx.job_id}", str(os.getpid()))
     deadline = time.monotonic() + 60
     while not ctx.cancelled() and time.monotonic() < deadline:
-        time.sleep(0.02)  # the cooperative-cancel loop a Dask task is expected to run
+        time.sleep(0.02)  # sleep-ok: the cooperative-cancel loop a Dask task is expected to run
     client.rpush(f"test:saw_cancel:{ctx.job_id}", str(ctx.cancelled()))
     return "stopped"
 
