@@ -20,7 +20,9 @@ from service import ids
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, io_worker
 from service.engines.base import Engine
-from service.engines.cluster import HeavyDispatcher
+from service.engines.cluster import HeavyDispatcher, queues_of
+from service.engines.dask_ import DaskEngine
+from service.engines.ray_ import RayEngine
 from service.errors import (
     InvalidBody,
     InvalidJobId,
@@ -120,16 +122,25 @@ async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
-    # The gateway is the Ray driver and Dask client: it dispatches heavy jobs itself.
+    # The gateway is the Dask client and dispatches Dask jobs itself. Ray jobs are
+    # dispatched inside Ray by a detached actor (so a gateway restart leaves them running);
+    # the gateway starts Ray and that actor once a Ray job waits, and keeps it serving.
     engines: dict[str, Engine] = app[ENGINES]
-    dispatcher = HeavyDispatcher(app[REDIS], app[STORE], app[REGISTRY], engines, app[SETTINGS])
+    dask, ray = engines["dask"], engines["ray"]
+    assert isinstance(dask, DaskEngine) and isinstance(ray, RayEngine)
+    dispatcher = HeavyDispatcher(
+        app[REDIS], app[STORE], app[REGISTRY], {"dask": dask}, app[SETTINGS]
+    )
     app[HEAVY] = dispatcher
+    ray.queues = queues_of(app[REGISTRY], "ray")
     await dispatcher.prepare()
-    task = asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0))
+    tasks = [
+        asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0)),
+        asyncio.create_task(ray.keep_dispatching(dispatcher.stop)),
+    ]
     yield
     dispatcher.stop.set()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _stop_heavy(app: web.Application) -> None:

@@ -57,8 +57,7 @@ class JobRunner:
         job = begun.job
         spec = self.registry.get(job.task)
         if spec is None:
-            error = JobError("UnknownTask", f"this worker has no task named {job.task!r}")
-            await self.store.fail(job_id, error)
+            await self.store.fail(job_id, self._unknown(job.task))
             return JobState.FAILED
         try:
             value = await self._call(spec, job)
@@ -76,6 +75,13 @@ class JobRunner:
         if await self.store.succeed(job_id, result_json):
             return JobState.SUCCEEDED
         return None  # cancelled while running: the late result is dropped
+
+    def _unknown(self, task: str) -> JobError:
+        """Why this worker cannot run ``task``: a module it failed to import, if any."""
+        for module_name, exc in self.registry.import_errors.items():
+            message = f"{task!r} is not known here: importing {module_name} failed: {exc}"
+            return JobError(type(exc).__name__, message)
+        return JobError("UnknownTask", f"this worker has no task named {task!r}")
 
     async def _call(self, spec: TaskSpec, job: Job) -> Any:
         kwargs = dict(job.kwargs)

@@ -2,8 +2,9 @@
 
 Those engines reuse their worker processes, so each process (and thread) builds its event
 loop, Redis pool, registry and runner once, on its first job, and keeps them.
-``ctx.cancelled()`` there reads the job's own record: the cooperative cancel a Dask task
-(or any long task that prefers to stop cleanly) polls.
+``ctx.cancelled()`` there reads the job's own record: the cooperative stop a Dask task
+(or any long task that prefers to stop cleanly) polls. It turns true once the record no
+longer says ``running``: the job was cancelled, or failed past its time limit.
 """
 
 from __future__ import annotations
@@ -56,17 +57,18 @@ def _new_runtime(config: WorkerConfig, engine: str) -> _Runtime:
     checker = sync_redis.Redis.from_url(config.redis_url, decode_responses=True)
 
     def is_cancelled(job_id: str) -> bool:
-        # The job's own record says so: the cooperative cancel a Dask task (or a Ray task
-        # that prefers to stop cleanly) polls through ``ctx.cancelled()``.
+        # The job's own record says so: the cooperative stop a Dask task (or a Ray task
+        # that prefers to stop cleanly) polls through ``ctx.cancelled()``. Anything but
+        # running means this attempt is no longer wanted (cancelled, or timed out).
         try:
-            return bool(checker.hget(keys.job(job_id), "state") == JobState.CANCELLED.value)
+            return bool(checker.hget(keys.job(job_id), "state") != JobState.RUNNING.value)
         except (sync_redis.RedisError, OSError):
             return False
 
     async def build() -> Any:
         store = JobStore(connect(config.redis_url), config.job_ttl_s)
         worker_id = f"{engine}-{socket.gethostname()}-{os.getpid()}"
-        registry = Registry.load(config.task_modules)
+        registry = Registry.load_available(config.task_modules)
         return JobRunner(store, registry, worker_id, inline_sync=True, is_cancelled=is_cancelled)
 
     return _Runtime(loop, loop.run_until_complete(build()))

@@ -29,6 +29,9 @@ BUILTIN_MODULES = ("tasks.io", "tasks.cpu", "tasks.gpu", "tasks.heavy")
 KINDS = ("io", "cpu", "heavy", "gpu")
 DEFAULT_ENGINE = {"io": "asyncio", "cpu": "celery", "heavy": "ray", "gpu": "celery"}
 ENGINES = ("asyncio", "celery", "ray", "dask")
+#: Dask jobs get a queue of their own: Ray's dispatcher (inside Ray) and Dask's (in the
+#: gateway) read different streams, and one stream must carry one engine's jobs.
+DASK_QUEUE = "dask"
 
 _MARK = "__corefleet_task__"
 
@@ -113,7 +116,7 @@ def task(
             fn=fn,
             kind=kind,
             engine=chosen_engine,
-            queue=queue or kind,
+            queue=queue or (DASK_QUEUE if chosen_engine == "dask" else kind),
             timeout_s=timeout_s,
             max_retries=max_retries,
             resources=dict(resources or {}),
@@ -129,6 +132,8 @@ class Registry:
 
     def __init__(self, specs: Iterable[TaskSpec] = ()) -> None:
         self._specs: dict[str, TaskSpec] = {}
+        #: Modules ``load_available`` could not import, with why.
+        self.import_errors: dict[str, Exception] = {}
         for spec in specs:
             self.add(spec)
 
@@ -138,6 +143,19 @@ class Registry:
         registry = cls()
         for module_name in (*BUILTIN_MODULES, *extra_modules):
             registry.add_module(importlib.import_module(module_name))
+        return registry
+
+    @classmethod
+    def load_available(cls, extra_modules: Iterable[str] = ()) -> Registry:
+        """Like ``load``, but a module that fails to import is left out and remembered in
+        ``import_errors``: a cluster worker serves many gateways' jobs, and one gateway's
+        bad module must not fail the others' jobs."""
+        registry = cls.load()
+        for module_name in extra_modules:
+            try:
+                registry.add_module(importlib.import_module(module_name))
+            except Exception as exc:
+                registry.import_errors[module_name] = exc
         return registry
 
     def add_module(self, module: types.ModuleType) -> None:
@@ -150,6 +168,13 @@ class Registry:
         existing = self._specs.get(spec.name)
         if existing is not None and existing.fn is not spec.fn:
             raise ValueError(f"two tasks are named {spec.name!r}")
+        for other in self._specs.values():
+            # Each engine reads its own queues: a shared one would hand jobs to the wrong one.
+            if other.queue == spec.queue and other.engine != spec.engine:
+                raise ValueError(
+                    f"queue {spec.queue!r} would carry both {other.engine} jobs ({other.name}) "
+                    f"and {spec.engine} jobs ({spec.name}); give one of them another queue"
+                )
         self._specs[spec.name] = spec
 
     def get(self, name: str) -> TaskSpec | None:

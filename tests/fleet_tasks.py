@@ -102,6 +102,15 @@ def ray_hold(seconds: float, ctx: TaskContext) -> int:
     return ctx.attempt
 
 
+@task("test.ray_gate", kind="heavy", max_retries=0)
+def ray_gate(ctx: TaskContext) -> int:
+    """Record this attempt, wait until the test releases the job, return the attempt."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
+    return ctx.attempt
+
+
 @task("test.ray_boom", kind="heavy")
 def ray_boom(message: str) -> None:
     """Raise an OverflowError inside a Ray task."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import shutil
 import tempfile
@@ -9,17 +10,19 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from service.engines.cluster import ray_options
 from service.engines.ray_ import start_ray
+from service.engines.ray_dispatcher import ensure_dispatcher
 from service.errors import InvalidBody
 from service.settings import EngineSettings, Settings
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
 from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
-from tests.procs import RedisServer, free_port
+from tests.procs import Proc, RedisServer, env_with, free_port, http_ok, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -204,10 +207,17 @@ async def test_a_task_the_cluster_cannot_import_fails_the_job(
         task_modules=(*settings.task_modules, "only_here"),
         engines=replace(settings.engines, dask_address=dask_scheduler),
     )
+    # Ray's dispatcher is shared by the session's gateways: have it take these settings
+    # first, as this gateway's would once it sees the job, so that the job cannot reach
+    # the dispatcher while it still has an earlier gateway's task modules.
+    await asyncio.to_thread(ensure_dispatcher, mine)
     server, session = await start_gateway(mine)
     try:
         gateway = Gateway(server, session)
         done = await gateway.wait((await gateway.submit("only.here"))["id"], 60)
+        # The module that failed takes only its own tasks down: Ray's workers serve jobs
+        # of every gateway, with everything else they could import.
+        other = await gateway.wait((await gateway.submit("heavy.pi", 1000, 2, 1))["id"], 60)
     finally:
         await session.close()
         await server.close()
@@ -215,3 +225,74 @@ async def test_a_task_the_cluster_cannot_import_fails_the_job(
     assert (
         done["error"]["type"] == "ModuleNotFoundError" and "only_here" in done["error"]["message"]
     )
+    assert other["state"] == "succeeded", other
+
+
+async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
+    settings: Settings, redis: aioredis.Redis, local_ray: None
+) -> None:
+    """kill -9 of the gateway that took a Ray job: the job runs on inside Ray, its result
+    reaches Redis with no gateway up, it ran once, and a new gateway serves it."""
+    import ray
+
+    port = free_port()
+    env = env_with(
+        COREFLEET_REDIS_URL=settings.redis,
+        COREFLEET_PORT=str(port),
+        COREFLEET_IO_LEASE_S=str(settings.io.lease_s),
+        COREFLEET_TASK_MODULES=",".join(settings.task_modules),
+        COREFLEET_RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+    )
+    url = f"http://127.0.0.1:{port}"
+    first, second = Proc(["gateway"], env), None
+    try:
+        await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/jobs", json={"task": "test.ray_gate"}) as resp:
+                assert resp.status == 202
+                job_id = (await resp.json())["id"]
+            assert await redis.blpop([f"test:started:{job_id}"], timeout=60) is not None
+            first.kill()
+            await redis.rpush(f"test:release:{job_id}", "go")
+            assert await wait_state(redis, job_id, "succeeded", "failed", "dead") == "succeeded"
+            # One attempt: the Ray task was not killed with the gateway, nor run again.
+            assert await redis.hget(f"cf:job:{job_id}", "attempts") == "1"
+            assert await redis.llen(f"test:started:{job_id}") == 0
+            second = Proc(["gateway"], env)
+            await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
+            async with session.get(f"{url}/v1/jobs/{job_id}") as resp:
+                record = await resp.json()
+            assert record["state"] == "succeeded" and record["result"] == 1
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    # Ray's dispatcher acknowledged the entry itself: nothing is left to run again.
+    assert await redis.xlen("cf:stream:heavy") == 0
+
+
+async def test_a_ray_job_past_its_time_limit_is_killed_and_fails(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A sync Ray task past options.timeout_s: its worker is killed, the job fails."""
+    job = await heavy_gateway.submit("test.ray_hold", 60, timeout_s=0.5)
+    started = await redis.blpop([f"test:started:{job['id']}"], timeout=60)
+    assert started is not None
+    done = await heavy_gateway.wait(job["id"], 30)
+    assert done["state"] == "failed", done
+    assert done["error"]["type"] == "TimeLimitExceeded" and "0.5 s" in done["error"]["message"]
+    await wait_gone(int(started[1].split(":")[1]))
+
+
+async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Dask cannot kill a running task: past its limit the job fails, and ctx.cancelled()
+    turns true so that the task can stop."""
+    job = await heavy_gateway.submit("test.dask_until_cancelled", timeout_s=0.5)
+    assert await redis.blpop([f"test:started:{job['id']}"], timeout=60) is not None
+    done = await heavy_gateway.wait(job["id"], 30)
+    assert done["state"] == "failed", done
+    assert done["error"]["type"] == "TimeLimitExceeded"
+    saw = await redis.blpop([f"test:saw_cancel:{job['id']}"], timeout=30)
+    assert saw is not None and saw[1] == "True"

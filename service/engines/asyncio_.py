@@ -174,9 +174,13 @@ class StreamConsumer:
                 await asyncio.sleep(0.5)  # back off while Redis is unreachable
                 continue
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                for queue in self.settings.queues:  # Redis lost its data: recreate the groups
+                # NOGROUP, or a blocked read whose stream was deleted ("UNBLOCKED ... no
+                # longer exists"): Redis lost its data, so recreate the groups. Anything
+                # else must not end the reader silently: say so and try again.
+                if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
+                    log.error("reading the streams failed (%s); retrying", exc)
+                    await asyncio.sleep(1.0)  # back off from a persistent error
+                for queue in self.settings.queues:
                     await ensure_group(self.redis, queue)
                 continue
             for stream, entries in reply or ():

@@ -1,11 +1,16 @@
 """What the Ray and Dask engines share: the heavy streams, their dispatcher, reachability.
 
-Heavy jobs travel like io jobs: the gateway adds the job's id to ``cf:stream:{queue}``
-(``heavy`` unless the task names another queue) in the script call that stores the job, so a
-202 means stored even while Ray or Dask is down. The gateway's ``HeavyDispatcher`` reads
-those streams with a ``StreamConsumer`` and hands each job to its engine, which runs the
-job runner inside a Ray task (``ray_.py``) or a Dask task (``dask_.py``). The runner writes
-the outcome to Redis from there; the gateway only waits, and acknowledges the entry after.
+Heavy jobs travel like io jobs: the submit adds the job's id to ``cf:stream:{queue}`` in
+the script call that stores the job, so a 202 means stored even while Ray or Dask is down.
+Ray jobs use ``heavy`` and Dask jobs ``dask`` unless their task names another queue. A
+``HeavyDispatcher`` reads an engine's streams with a ``StreamConsumer`` and hands each job
+to the engine, which runs the job runner inside a Ray task (``ray_.py``) or a Dask task
+(``dask_.py``). The runner writes the outcome to Redis from there; the dispatcher only
+waits, enforces the time limit, and acknowledges the entry after.
+
+Where the dispatcher runs matters: a Ray task dies with the process that submitted it, so
+Ray's dispatcher lives inside Ray as a detached actor (``ray_dispatcher.py``) and a gateway
+restart does not touch running Ray jobs. Dask's dispatcher runs in the gateway.
 
 A configured address that does not answer marks its engine unreachable: its jobs get a 503
 and are not stored, while io and cpu jobs go on.
@@ -24,19 +29,23 @@ import redis.asyncio as aioredis
 
 from service import keys
 from service.engines.asyncio_ import StreamConsumer, ensure_group, stream_status
-from service.engines.base import Engine
 from service.errors import EngineUnavailable, InvalidBody
 from service.events import listen
 from service.jobs import Job, JobError, JobState
 from service.settings import IoWorkerSettings, Settings
 from service.store import Dispatch, JobStore
 from service.worker_runtime import WorkerConfig
-from tasks import Registry, TaskSpec
+from tasks import DASK_QUEUE, Registry, TaskSpec
 
 log = logging.getLogger("corefleet.heavy")
 
-#: The stream heavy jobs (Ray and Dask alike) travel on unless their task names another.
+#: The stream Ray jobs travel on unless their task names another.
 HEAVY_QUEUE = "heavy"
+#: Each cluster engine's default queue.
+DEFAULT_QUEUES = {"ray": HEAVY_QUEUE, "dask": DASK_QUEUE}
+#: How long past its time limit a running cluster job may go before it is interrupted (the
+#: runner's own limit, for async tasks, gets to fire first and report cleanly).
+TIME_LIMIT_GRACE_S = 1.0
 #: Heavy jobs one gateway keeps in flight on its clusters; Ray and Dask queue the rest.
 DISPATCH_CONCURRENCY = 256
 #: How long a configured address may take to accept a TCP connection.
@@ -144,8 +153,8 @@ class ClusterEngine:
         self.settings = settings
         self.address = address
         self.config = WorkerConfig.of(settings)
-        #: Streams this engine's jobs travel on (the dispatcher widens it from the registry).
-        self.queues: tuple[str, ...] = (HEAVY_QUEUE,)
+        #: Streams this engine's jobs travel on (widened from the registry by ``queues_of``).
+        self.queues: tuple[str, ...] = (DEFAULT_QUEUES.get(self.name, HEAVY_QUEUE),)
         self.state = NOT_STARTED
         self.problem = ""
         self.dashboard: str | None = None
@@ -154,6 +163,8 @@ class ClusterEngine:
         self._watch: asyncio.Task[None] | None = None
         self._inflight: dict[str, Any] = {}
         self._dropped: set[str] = set()
+        #: Set when the runner marks an in-flight job running: its time limit starts then.
+        self._started: dict[str, asyncio.Event] = {}
 
     # Engine protocol -----------------------------------------------------------------------
 
@@ -207,13 +218,20 @@ class ClusterEngine:
 
         Cancelling this coroutine because the user cancelled the job (``by_user``)
         interrupts the cluster task; a shutdown leaves it running, as its outcome reaches
-        Redis without the gateway.
+        Redis without the dispatcher. A job still running past its time limit is
+        interrupted and fails with ``TimeLimitExceeded``.
         """
         await self.ensure_started()
+        limit = job.timeout_s or (spec.timeout_s if spec is not None else None)
+        if limit is not None:
+            self._started[job.id] = asyncio.Event()
         handle = self._launch(job, spec)
         self._inflight[job.id] = handle
         try:
-            await self._wait(handle)
+            if limit is None:
+                await self._wait(handle)
+            else:
+                await self._wait_within(job, handle, limit)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling() == 0 and job.id in self._dropped:
@@ -228,6 +246,37 @@ class ClusterEngine:
         finally:
             self._inflight.pop(job.id, None)
             self._dropped.discard(job.id)
+            self._started.pop(job.id, None)
+
+    async def _wait_within(self, job: Job, handle: Any, limit: float) -> None:
+        # The clock starts when the runner marks the job running, not while the task
+        # waits in the cluster for a free CPU.
+        waiting = asyncio.ensure_future(self._wait(handle))
+        started = asyncio.ensure_future(self._started[job.id].wait())
+        try:
+            await asyncio.wait((waiting, started), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                done, _ = await asyncio.wait((waiting,), timeout=limit + TIME_LIMIT_GRACE_S)
+                if not done:
+                    # Sync Python cannot be stopped from outside on its own thread: Ray
+                    # kills the worker process; Dask's task sees ``ctx.cancelled()``.
+                    self._interrupt(handle, running=True)
+                    raise CouldNotRun(
+                        JobError(
+                            "TimeLimitExceeded", f"{job.task} ran past its {limit:g} s time limit"
+                        )
+                    )
+            await waiting
+        finally:
+            for future in (waiting, started):
+                future.cancel()
+            await asyncio.gather(waiting, started, return_exceptions=True)
+
+    def mark_started(self, job_id: str) -> None:
+        """The runner marked ``job_id`` running (seen on the events channel)."""
+        started = self._started.get(job_id)
+        if started is not None:
+            started.set()
 
     def drop(self, job_id: str) -> None:
         """Drop the cluster task of a job cancelled while still queued."""
@@ -306,26 +355,35 @@ class ClusterEngine:
 # --- the dispatcher ----------------------------------------------------------------------
 
 
+def queues_of(registry: Registry, engine: str) -> tuple[str, ...]:
+    """The streams ``engine``'s jobs travel on: its default queue and its tasks' own."""
+    queues = {DEFAULT_QUEUES.get(engine, HEAVY_QUEUE)}
+    queues |= {spec.queue for spec in registry if spec.engine == engine}
+    return tuple(sorted(queues))
+
+
 class HeavyDispatcher:
-    """The gateway's consumer of the heavy streams: each job goes to its cluster engine."""
+    """A consumer of cluster engines' streams: each job goes to its engine's cluster.
+
+    The gateway runs one for Dask; Ray's runs inside Ray (``ray_dispatcher.py``).
+    """
 
     def __init__(
         self,
         redis: aioredis.Redis,
         store: JobStore,
         registry: Registry,
-        engines: Mapping[str, Engine],
+        engines: Mapping[str, ClusterEngine],
         settings: Settings,
     ) -> None:
         self.redis = redis
         self.store = store
         self.registry = registry
-        self.engines: dict[str, ClusterEngine] = {
-            name: engine for name, engine in engines.items() if isinstance(engine, ClusterEngine)
-        }
-        queues = {HEAVY_QUEUE} | {s.queue for s in registry if s.engine in self.engines}
-        for engine in self.engines.values():
-            engine.queues = tuple(sorted(queues))
+        self.engines = dict(engines)
+        queues: set[str] = set()
+        for name, engine in self.engines.items():
+            engine.queues = queues_of(registry, name)
+            queues |= set(engine.queues)
         consumer_settings = IoWorkerSettings(
             queues=tuple(sorted(queues)),
             concurrency=DISPATCH_CONCURRENCY,
@@ -336,7 +394,7 @@ class HeavyDispatcher:
         self.stop = asyncio.Event()
 
     async def prepare(self) -> None:
-        """Create the heavy streams and their group, before the gateway takes requests."""
+        """Create the streams and their group, before jobs arrive."""
         for queue in self.consumer.settings.queues:
             await ensure_group(self.redis, queue)
 
@@ -348,7 +406,11 @@ class HeavyDispatcher:
         try:
             if engine is None:
                 raise CouldNotRun(
-                    JobError("EngineUnavailable", f"this gateway has no {job.engine} engine")
+                    JobError(
+                        "EngineUnavailable",
+                        f"queue {job.queue!r} is read by the {', '.join(self.engines)} "
+                        f"dispatcher, which cannot run {job.engine} jobs",
+                    )
                 )
             await engine.run(job, self.registry.get(job.task), self.consumer.is_cancelled)
         except CouldNotRun as exc:
@@ -366,9 +428,18 @@ class HeavyDispatcher:
 
     def _on_event(self, data: str) -> None:
         # Cheap filters first: this sees every state change of every job.
-        if '"cancelled"' not in data or not any(e.inflight for e in self.engines.values()):
+        if not any(e.inflight for e in self.engines.values()):
+            return
+        cancelled, running = '"cancelled"' in data, '"running"' in data
+        if not (cancelled or running):
             return
         event = json.loads(data)
-        if event.get("from") in (JobState.QUEUED.value, JobState.RETRYING.value):
-            for engine in self.engines.values():
-                engine.drop(str(event.get("id")))
+        job_id = str(event.get("id"))
+        for engine in self.engines.values():
+            if event.get("state") == JobState.RUNNING.value:
+                engine.mark_started(job_id)
+            elif cancelled and event.get("from") in (
+                JobState.QUEUED.value,
+                JobState.RETRYING.value,
+            ):
+                engine.drop(job_id)

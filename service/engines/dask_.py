@@ -1,8 +1,8 @@
 """The Dask engine: tasks declared ``engine="dask"`` run the job runner on a Dask worker.
 
-Dask jobs share the heavy streams and the ``HeavyDispatcher`` with Ray (``ray_.py``);
-the dispatcher hands each to this engine, which submits one Dask task per job through an
-asynchronous ``distributed.Client``: to ``COREFLEET_DASK_ADDRESS``, or to a
+Dask jobs travel on streams of their own (``dask`` unless their task names another queue);
+the gateway's ``HeavyDispatcher`` hands each to this engine, which submits one Dask task
+per job through an asynchronous ``distributed.Client``: to ``COREFLEET_DASK_ADDRESS``, or to a
 ``LocalCluster`` (worker processes, one thread each) started by the first Dask job.
 
 Cancel: a future still queued on the scheduler is cancelled and never runs. Dask cannot

@@ -5,6 +5,12 @@ local one starts (``address="local"``, its own temp dir, dashboard only when ask
 ``ray.init`` blocks, so it runs in a thread; ``import ray`` happens only there and in the
 worker processes.
 
+The engine has two sides. In the gateway it queues Ray jobs, starts Ray once a Ray stream
+holds a job, and keeps Ray's dispatcher (a detached actor, ``ray_dispatcher.py``) serving;
+it never launches a job itself, so a gateway restart leaves running Ray jobs alone. Inside
+that actor (``in_cluster``) it launches each job as a Ray task, waits for it and
+interrupts it.
+
 Cancel: a queued job never starts (the runner refuses a cancelled job, and a Ray task
 still waiting for a CPU is dropped); a running one is killed with
 ``ray.cancel(force=True)``, child tasks included.
@@ -21,8 +27,17 @@ import tempfile
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from service.engines.cluster import ClusterEngine, CouldNotRun, ray_options
+from service import keys
+from service.engines.cluster import (
+    REPROBE_S,
+    UNREACHABLE,
+    ClusterEngine,
+    CouldNotRun,
+    ray_options,
+)
+from service.errors import EngineUnavailable
 from service.jobs import Job
 from service.runner import error_of
 from service.settings import EngineSettings, Settings
@@ -34,6 +49,9 @@ log = logging.getLogger("corefleet.ray")
 RAY_DASHBOARD_PORT = 8265
 #: How long a local Ray keeps an idle worker process beyond one per CPU.
 IDLE_WORKER_KEEP_MS = 60_000
+#: How often a gateway hands Ray's dispatcher its settings again (and so restarts a lost
+#: one): a dead actor means Ray jobs wait at most this long, plus the lease.
+KEEP_DISPATCHER_S = 5.0
 
 
 def run_in_ray(config: WorkerConfig, job_id: str) -> str | None:
@@ -98,15 +116,59 @@ class RayEngine(ClusterEngine):
     name = "ray"
     default_port = 10001  # Ray Client's; a GCS address (host:6379) names its port
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
-        super().__init__(redis, settings, settings.engines.ray_address)
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, *, in_cluster: bool = False
+    ) -> None:
+        # Inside the cluster there is no address to probe: Ray is this process's own.
+        super().__init__(redis, settings, "" if in_cluster else settings.engines.ray_address)
+        #: True inside the dispatcher actor, where Ray is this process's own.
+        self.in_cluster = in_cluster
         self._remote: Any = None
         self._temp_dir: str | None = None
         self._owns_ray = False
 
+    # the gateway's side ---------------------------------------------------------------------
+
+    async def keep_dispatching(self, stop: asyncio.Event) -> None:
+        """Start Ray and its dispatcher once a Ray stream holds a job; keep it serving.
+
+        Runs in the gateway until ``stop``. Waiting jobs are enough to start: a job queued
+        by a producer, or left by a gateway whose local Ray stopped with it.
+        """
+        while not stop.is_set():
+            try:
+                if not self.connected:
+                    if self.state != UNREACHABLE and await self._jobs_waiting():
+                        await self.ensure_started()
+                        continue
+                    pause = REPROBE_S if self.state == UNREACHABLE else 0.0
+                else:
+                    await asyncio.to_thread(_ensure_dispatcher, self.settings)
+                    pause = KEEP_DISPATCHER_S
+            except EngineUnavailable as exc:
+                log.warning("%s", exc)
+                pause = REPROBE_S
+            except (RedisError, OSError) as exc:
+                log.warning("cannot watch the Ray streams (%s); retrying", exc)
+                pause = 1.0
+            except Exception:  # a Ray error: the dispatcher is tried again next time
+                log.exception("could not reach Ray's dispatcher")
+                pause = KEEP_DISPATCHER_S
+            if pause:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), pause)
+
+    async def _jobs_waiting(self) -> bool:
+        # XREAD from the start blocks until a stream holds an entry, waiting or pending,
+        # without taking it from the dispatcher's group.
+        streams: dict[Any, Any] = {keys.stream(queue): "0-0" for queue in self.queues}
+        return bool(await self.redis.xread(streams, count=1, block=1000))
+
+    # both sides -------------------------------------------------------------------------------
+
     async def _connect(self) -> None:
-        # A process already connected (a test session, an embedding program) keeps its Ray
-        # and closes it itself.
+        # A process already connected (the dispatcher actor, a test session, an embedding
+        # program) keeps its Ray and closes it itself.
         self._owns_ray = not _ray_initialized()
         if self._owns_ray and not self.address:
             # Short and our own: Ray's socket paths must stay under the 107-byte limit.
@@ -116,16 +178,23 @@ class RayEngine(ClusterEngine):
         )
         import ray
 
-        # Redelivery is corefleet's (the stream and the attempt count), not Ray's.
-        self._remote = ray.remote(max_retries=0)(run_in_ray)
+        if self.in_cluster:
+            # Redelivery is corefleet's (the stream and the attempt count), not Ray's.
+            self._remote = ray.remote(max_retries=0)(run_in_ray)
+        else:
+            await asyncio.to_thread(_ensure_dispatcher, self.settings)
 
     async def _disconnect(self) -> None:
         if self._owns_ray:
             import ray
 
+            # A local Ray stops with its gateway, dispatcher and running jobs included;
+            # their entries stay pending and run again once Ray is back.
             await asyncio.to_thread(ray.shutdown)
             if self._temp_dir:
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    # the dispatcher's side ----------------------------------------------------------------
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
@@ -151,6 +220,12 @@ class RayEngine(ClusterEngine):
         # the only way to stop Python code that does not poll ``ctx.cancelled()``.
         with contextlib.suppress(Exception):
             ray.cancel(handle, force=running, recursive=True)
+
+
+def _ensure_dispatcher(settings: Settings) -> Any:
+    from service.engines.ray_dispatcher import ensure_dispatcher
+
+    return ensure_dispatcher(settings)
 
 
 def _ray_initialized() -> bool:

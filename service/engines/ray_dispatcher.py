@@ -1,0 +1,147 @@
+"""Ray's dispatcher: a detached actor that launches heavy jobs from inside the cluster.
+
+Ray ties a task to the process that submitted it (its owner): when the owner exits, Ray
+kills the task. Were the gateway to launch Ray jobs itself, restarting it would kill every
+running Ray job. So gateways only store jobs and add them to Ray's streams, and one
+detached actor per Redis (named after its URL) reads those streams with a
+``HeavyDispatcher`` and launches each job as a Ray task it owns. The actor lives as long
+as the cluster; the runner inside each task writes the outcome to Redis; the actor
+acknowledges the entry. A gateway starts the actor, or finds it, with the first Ray job,
+and hands it its settings again now and then: the newest gateway's settings (task
+modules, Redis URL) win, and an actor lost with its node is started again.
+
+Redelivery stays corefleet's: if the actor dies, its unacknowledged entries are claimed by
+its successor after the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger("corefleet.ray")
+
+#: The Ray namespace corefleet's detached actors live in.
+NAMESPACE = "corefleet"
+#: How long a gateway waits for the actor to start and answer.
+START_TIMEOUT_S = 120.0
+
+
+def actor_name(redis_url: str) -> str:
+    """One dispatcher per Redis: gateways of one deployment share it."""
+    return "corefleet-dispatcher-" + hashlib.sha256(redis_url.encode()).hexdigest()[:12]
+
+
+class RayDispatcherActor:
+    """The actor's body (made a Ray actor class by ``ensure_dispatcher``)."""
+
+    def __init__(self) -> None:
+        # Ray keeps the actor's stderr in its worker log: say what the dispatcher does there.
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        self._stop = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._dispatcher: Any = None  # HeavyDispatcher, imported inside Ray only
+        self._engine: Any = None  # its RayEngine
+        self._lease_s = 0.0
+
+    async def serve(self, settings: Settings) -> dict[str, Any]:
+        """Dispatch with ``settings``: idempotent, as every gateway calls it now and then.
+
+        Gateways differ in ports and hosts; only what the dispatcher uses counts. New task
+        modules are taken in place; a change of streams or lease starts the loop again.
+        """
+        from service.engines.cluster import queues_of
+        from service.worker_runtime import WorkerConfig
+
+        config, lease_s = WorkerConfig.of(settings), settings.io.lease_s
+        if self.serving and (config, lease_s) == (self._engine.config, self._lease_s):
+            return self.info()
+        registry = _registry(settings.task_modules)
+        if (
+            self.serving
+            and lease_s == self._lease_s
+            and queues_of(registry, "ray") == self._engine.queues
+        ):
+            # Same streams: swap the tasks in without dropping a job in flight.
+            self._dispatcher.registry, self._engine.config = registry, config
+            return self.info()
+        if self.serving:
+            # Jobs in flight keep running; their entries are claimed after the lease.
+            log.warning("Ray's streams or lease changed; dispatching again with them")
+        dispatcher = await self._build(settings, registry)  # before stopping the old one
+        await self.halt()
+        self._dispatcher, self._engine = dispatcher, dispatcher.engines["ray"]
+        self._lease_s = lease_s
+        self._stop = asyncio.Event()
+        self._loop_task = asyncio.create_task(dispatcher.run(self._stop, grace_s=0.0))
+        return self.info()
+
+    @property
+    def serving(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def info(self) -> dict[str, Any]:
+        held = self._dispatcher.consumer.held if self._dispatcher is not None else 0
+        return {"serving": self.serving, "held": held}
+
+    async def halt(self) -> None:
+        """Stop taking jobs (running ones keep running and finish on their own)."""
+        if self._loop_task is None:
+            return
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            await self._loop_task
+        self._loop_task = None
+
+    async def _build(self, settings: Settings, registry: Any) -> Any:
+        from service.engines.cluster import HeavyDispatcher
+        from service.engines.ray_ import RayEngine
+        from service.store import JobStore, connect
+
+        redis = connect(settings.redis)
+        engine = RayEngine(redis, settings, in_cluster=True)
+        store = JobStore(redis, settings.job_ttl_s)
+        dispatcher = HeavyDispatcher(redis, store, registry, {"ray": engine}, settings)
+        await dispatcher.prepare()
+        return dispatcher
+
+
+def _registry(modules: tuple[str, ...]) -> Any:
+    """The tasks this actor can import. It needs them only for their declared resources and
+    time limits: a job whose module fails to import here runs without them, and fails in
+    its Ray task with the import's own error."""
+    from tasks import Registry
+
+    registry = Registry.load_available(modules)
+    for name, exc in registry.import_errors.items():
+        log.error("cannot import task module %s here: %s: %s", name, type(exc).__name__, exc)
+    return registry
+
+
+_ACTOR_CLASS: Any = None
+
+
+def ensure_dispatcher(settings: Settings) -> Any:
+    """Start or find the dispatcher for ``settings.redis`` and have it serve (blocking)."""
+    global _ACTOR_CLASS
+    import ray
+
+    if _ACTOR_CLASS is None:
+        _ACTOR_CLASS = ray.remote(RayDispatcherActor)
+    handle = _ACTOR_CLASS.options(
+        name=actor_name(settings.redis),
+        namespace=NAMESPACE,
+        lifetime="detached",  # it outlives the gateway that started it
+        get_if_exists=True,
+        num_cpus=0,  # it waits on Redis and Ray; the CPUs are for the jobs
+        max_restarts=-1,
+    ).remote()
+    ray.get(handle.serve.remote(settings), timeout=START_TIMEOUT_S)
+    return handle
