@@ -25,7 +25,9 @@ from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
 from tests.procs import Proc, RedisServer, env_with, free_port, http_ok, wait_until
 
 
-@pytest.fixture(scope="session")
+# Module scope is once per session (only this module uses Ray), and Ray, with its detached
+# dispatcher, stops before other modules' tests, which expect nothing else using Redis.
+@pytest.fixture(scope="module")
 def local_ray(redis_server: RedisServer) -> Iterator[None]:
     """A local Ray of 2 CPUs in its own temp dir (after Redis: workers inherit its URL)."""
     temp_dir = tempfile.mkdtemp(prefix="cf-ray-test-", dir="/tmp")
