@@ -31,7 +31,7 @@ from service.errors import (
     JobFinished,
     JobNotFound,
 )
-from service.events import EventHub
+from service.events import EventHub, Watch
 from service.jobs import Job, JobState
 from service.middleware import json_errors
 from service.openapi import openapi_document
@@ -244,7 +244,7 @@ async def _wait_terminal(app: web.Application, job_id: str, wait: float) -> Job 
 async def _wait_watched(
     app: web.Application,
     job_id: str,
-    changed: asyncio.Event,
+    changed: Watch,
     wait: float,
     known: Job | None = None,
 ) -> Job | None:
@@ -253,14 +253,21 @@ async def _wait_watched(
     ``known``: the record as the caller already has it (saves the first read).
     """
     deadline = time.monotonic() + wait
-    job = known
+    job, stale = known, False
     while True:
         if job is None or changed.is_set():
             changed.clear()
-            job = await app[STORE].get(job_id)
+            # Only the end matters while waiting: a change to running is read only if the
+            # wait ends first.
+            if job is None or changed.state is None or JobState(changed.state).terminal:
+                job, stale = await app[STORE].get(job_id), False
+            else:
+                stale = True
         remaining = deadline - time.monotonic()
-        if job is None or job.state.terminal or remaining <= 0:
+        if job is None or job.state.terminal:
             return job
+        if remaining <= 0:
+            return await app[STORE].get(job_id) if stale else job
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), remaining)
 

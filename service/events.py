@@ -45,12 +45,21 @@ async def listen(
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
 
+class Watch(asyncio.Event):
+    """Set on every change of one job; ``state`` is the newest state seen, or None when
+    it is unknown (the subscription was lost and came back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: str | None = None
+
+
 class EventHub:
     """Wakes whoever waits on a job when that job's state changes."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Watch]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
@@ -67,9 +76,9 @@ class EventHub:
                 await self._task
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+    def watch(self, job_id: str) -> Iterator[Watch]:
         """An event set on every change of ``job_id``; register before reading the record."""
-        event = asyncio.Event()
+        event = Watch()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
             yield event
@@ -83,12 +92,14 @@ class EventHub:
     def _on_message(self, data: str) -> None:
         if not self._waiters:
             return  # the common case under load: nobody waits, so skip the parse
-        job_id = json.loads(data).get("id")
-        for event in self._waiters.get(job_id, ()):
+        change = json.loads(data)
+        for event in self._waiters.get(change.get("id"), ()):
+            event.state = change.get("state")
             event.set()
 
     def _on_connect(self) -> None:
         self._connected.set()
         for waiters in self._waiters.values():
             for event in waiters:
+                event.state = None  # changes may have been missed: read the record
                 event.set()

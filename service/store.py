@@ -37,10 +37,11 @@ def connect(url: str) -> aioredis.Redis:
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Where a new job's queue entry goes: ``xadd`` its id to a stream, or ``lpush`` a
-    message to a list (Celery's queues)."""
+    """Where a new job's queue entry goes: ``xadd`` its id to a stream (``xadd-job``: with
+    what a cluster dispatcher launches it with), or ``lpush`` a message to a list (Celery's
+    queues)."""
 
-    op: Literal["xadd", "lpush"]
+    op: Literal["xadd", "xadd-job", "lpush"]
     key: str
     value: str
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -94,7 +94,7 @@ def io_worker(
     redis: aioredis.Redis, runner: JobRunner, settings: IoWorkerSettings, name: str | None = None
 ) -> StreamConsumer:
     """An io worker: a stream consumer that runs each job's runner on this event loop."""
-    consumer = StreamConsumer(redis, runner.run, settings, name)
+    consumer = StreamConsumer(redis, lambda job_id, _entry: runner.run(job_id), settings, name)
     runner.is_cancelled = consumer.is_cancelled
     return consumer
 
@@ -110,7 +110,7 @@ class StreamConsumer:
     def __init__(
         self,
         redis: aioredis.Redis,
-        execute: Callable[[str], Awaitable[object]],
+        execute: Callable[[str, Mapping[str, str]], Awaitable[object]],
         settings: IoWorkerSettings,
         name: str | None = None,
     ) -> None:
@@ -194,14 +194,16 @@ class StreamConsumer:
         if not job_id:
             return False
         if job_id not in self._held:  # else: this worker already runs it
-            task = asyncio.create_task(self._run_one(stream, entry_id, job_id))
+            task = asyncio.create_task(self._run_one(stream, entry_id, job_id, fields or {}))
             self._held[job_id] = (task, stream, entry_id)
         return True
 
-    async def _run_one(self, stream: str, entry_id: str, job_id: str) -> None:
+    async def _run_one(
+        self, stream: str, entry_id: str, job_id: str, fields: Mapping[str, str]
+    ) -> None:
         done = False
         try:
-            await self.execute(job_id)
+            await self.execute(job_id, fields)
             done = True
         except asyncio.CancelledError:
             # A user's cancel is final (the record says cancelled); a shutdown is not, and

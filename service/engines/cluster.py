@@ -183,7 +183,7 @@ class ClusterEngine:
             )
         if RESOURCES_OPTION in job.options:
             check_resources(job.options[RESOURCES_OPTION])
-        return Dispatch("xadd", keys.stream(job.queue), job.id)
+        return Dispatch("xadd-job", keys.stream(job.queue), job.id)
 
     async def cancel(self, job: Job) -> None:
         # The cancel transition publishes on keys.CANCEL; the dispatcher holding the job
@@ -398,8 +398,13 @@ class HeavyDispatcher:
         for queue in self.consumer.settings.queues:
             await ensure_group(self.redis, queue)
 
-    async def execute(self, job_id: str) -> None:
-        job = await self.store.get(job_id)
+    async def execute(self, job_id: str, entry: Mapping[str, str]) -> None:
+        if "task" in entry:
+            # The entry holds what launching needs, as the job was created: no read of the
+            # record on the way. Whether it still runs is the runner's ``begin`` to decide.
+            job: Job | None = Job.from_hash({**entry, "state": JobState.QUEUED.value})
+        else:
+            job = await self.store.get(job_id)
         if job is None or job.state.terminal:
             return  # expired, finished or cancelled before it left the stream
         engine = self.engines.get(job.engine)

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -49,14 +50,22 @@ log = logging.getLogger("corefleet.ray")
 RAY_DASHBOARD_PORT = 8265
 #: How long a local Ray keeps an idle worker process beyond one per CPU.
 IDLE_WORKER_KEEP_MS = 60_000
+#: Ray task flavours (task and resources) a dispatcher keeps ready; ``.options()`` costs
+#: about as much as the submit itself.
+MAX_FLAVOURS = 256
 #: How often a gateway hands Ray's dispatcher its settings again (and so restarts a lost
 #: one): a dead actor means Ray jobs wait at most this long, plus the lease.
 KEEP_DISPATCHER_S = 5.0
 
 
-def run_in_ray(config: WorkerConfig, job_id: str) -> str | None:
-    """The Ray task every heavy job travels as."""
-    return run_job_here(config, job_id, "ray")
+def ray_task_for(config: WorkerConfig) -> Callable[[str], str | None]:
+    """The Ray task every heavy job travels as, its config built in: Ray ships the config
+    once with the function rather than with every job."""
+
+    def run_in_ray(job_id: str) -> str | None:
+        return run_job_here(config, job_id, "ray")
+
+    return run_in_ray
 
 
 # --- Ray ---------------------------------------------------------------------------------
@@ -124,6 +133,7 @@ class RayEngine(ClusterEngine):
         #: True inside the dispatcher actor, where Ray is this process's own.
         self.in_cluster = in_cluster
         self._remote: Any = None
+        self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._temp_dir: str | None = None
         self._owns_ray = False
 
@@ -176,11 +186,9 @@ class RayEngine(ClusterEngine):
         self.dashboard = await asyncio.to_thread(
             start_ray, self.settings.engines, self._temp_dir or tempfile.gettempdir()
         )
-        import ray
 
         if self.in_cluster:
-            # Redelivery is corefleet's (the stream and the attempt count), not Ray's.
-            self._remote = ray.remote(max_retries=0)(run_in_ray)
+            self.use(self.config)
         else:
             await asyncio.to_thread(_ensure_dispatcher, self.settings)
 
@@ -196,11 +204,25 @@ class RayEngine(ClusterEngine):
 
     # the dispatcher's side ----------------------------------------------------------------
 
+    def use(self, config: WorkerConfig) -> None:
+        """Launch jobs with ``config`` from now on (new task modules, say)."""
+        import ray
+
+        self.config = config
+        # Redelivery is corefleet's (the stream and the attempt count), not Ray's.
+        self._remote = ray.remote(max_retries=0)(ray_task_for(config))
+        self._flavours.clear()
+
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
-        return self._remote.options(name=f"{job.task}:{job.id}", **options).remote(
-            self.config, job.id
-        )
+        flavour = (job.task, tuple(sorted(options.items())))
+        remote = self._flavours.get(flavour)
+        if remote is None:
+            if len(self._flavours) >= MAX_FLAVOURS:
+                self._flavours.clear()
+            # Named after the task, so Ray's dashboard and logs say what runs.
+            remote = self._flavours[flavour] = self._remote.options(name=job.task, **options)
+        return remote.remote(job.id)
 
     async def _wait(self, handle: Any) -> None:
         from ray.exceptions import RayTaskError

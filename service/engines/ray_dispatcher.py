@@ -70,7 +70,8 @@ class RayDispatcherActor:
             and queues_of(registry, "ray") == self._engine.queues
         ):
             # Same streams: swap the tasks in without dropping a job in flight.
-            self._dispatcher.registry, self._engine.config = registry, config
+            self._dispatcher.registry = registry
+            self._engine.use(config)
             return self.info()
         if self.serving:
             # Jobs in flight keep running; their entries are claimed after the lease.

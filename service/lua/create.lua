@@ -1,7 +1,13 @@
 -- Store new jobs and queue each one, atomically: all of them or none.
 -- KEYS    per job, in order: its hash, then its queue (a stream or a list)
--- ARGV    per job, in order: op ("xadd" or "lpush"), value, n, then n field/value pairs
+-- ARGV    per job, in order: op, value, n, then n field/value pairs
+--   op "xadd": add an entry holding the job's id (value) to the stream
+--   op "xadd-job": the same, plus the fields a cluster dispatcher launches the job with,
+--     so that it need not read the record first
+--   op "lpush": push value (a Celery message) onto the list
 -- The caller has checked every job, so no command here can fail half-way.
+local launch_fields = {task = true, kind = true, engine = true, queue = true,
+                       options = true, timeout_s = true}
 local a = 1
 for k = 1, #KEYS, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
@@ -10,6 +16,15 @@ for k = 1, #KEYS, 2 do
   redis.call('HSET', KEYS[k], unpack(fields))
   if op == 'xadd' then
     redis.call('XADD', KEYS[k + 1], '*', 'id', value)
+  elseif op == 'xadd-job' then
+    local entry = {'id', value}
+    for i = 1, #fields, 2 do
+      if launch_fields[fields[i]] then
+        entry[#entry + 1] = fields[i]
+        entry[#entry + 1] = fields[i + 1]
+      end
+    end
+    redis.call('XADD', KEYS[k + 1], '*', unpack(entry))
   else
     redis.call('LPUSH', KEYS[k + 1], value)
   end
