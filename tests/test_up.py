@@ -14,7 +14,8 @@ from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree,
 
 
 def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
-    """up → embedded Redis, gateway, worker, Flower; io and cpu jobs succeed; SIGINT cleans up."""
+    """up → embedded Redis, gateway, worker, Flower; io, cpu, gpu (fallback) and heavy jobs
+    succeed; SIGINT stops every process, Ray's included."""
     redis_port, port, flower_port = free_port(), free_port(), free_port()
     env = env_with(
         COREFLEET_REDIS_PORT=str(redis_port),
@@ -75,7 +76,19 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         with urllib.request.urlopen(request, timeout=70) as resp:
             done = json.loads(resp.read())
         assert done["state"] == "succeeded" and done["result"]["device"] == "cpu"
+        # A heavy job starts the gateway's local Ray and Ray's dispatcher actor inside it.
+        request = urllib.request.Request(
+            url + "/v1/jobs?wait=60",
+            data=json.dumps({"task": "heavy.pi", "args": [100_000, 2, 1]}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=70) as resp:
+            done = json.loads(resp.read())
+        assert done["state"] == "succeeded" and abs(done["result"]["pi"] - 3.14) < 0.05
         tree = process_tree(proc.pid)
+        # Ray's processes, the detached dispatcher among them, are up's to stop as well.
+        assert any("RayDispatcherActor" in _cmdline(pid) for pid in tree)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
         wait_until(lambda: not any(alive(pid) for pid in tree), 30, "children to exit")
@@ -85,3 +98,10 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
             for pid in process_tree(proc.pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
