@@ -5,6 +5,10 @@ Redis to begin its job; finishing jobs likewise arrive together. Sending those c
 round trip each costs far more CPU (in redis-py) and time than sending them as one
 non-transactional pipeline. Each call keeps its own atomicity (a Lua script or a single
 command), and its caller still gets its own result or error.
+
+A process that runs one job at a time (a Celery child, a Ray or Dask worker) has nothing
+to group: with ``group=False`` each call goes at once, saving the extra loop turn and the
+pipeline (about a third of a call's cost).
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import hashlib
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 _Call = tuple[tuple[Any, ...], "asyncio.Future[Any]"]
 
 
 class Batcher:
-    def __init__(self, redis: aioredis.Redis, scripts: dict[str, str]) -> None:
+    def __init__(self, redis: aioredis.Redis, scripts: dict[str, str], group: bool = True) -> None:
         self.redis = redis
+        self.group = group
         self._sources = scripts
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in scripts.items()}
         self._pending: list[_Call] = []
@@ -32,6 +37,11 @@ class Batcher:
         return await self.command("EVALSHA", self._shas[name], len(keys), *keys, *args)
 
     async def command(self, *command: Any) -> Any:
+        if not self.group:
+            result = (await self._execute_loading([command]))[0]
+            if isinstance(result, Exception):
+                raise result
+            return result
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._pending:
             # Flush after every callback already due this turn has had its chance to add.
@@ -47,14 +57,7 @@ class Batcher:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            results = await self._execute([command for command, _ in batch])
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:  # a restarted Redis forgot the scripts: load them, resend those
-                for source in self._sources.values():
-                    await self.redis.script_load(source)
-                again = await self._execute([batch[i][0] for i in missing])
-                for i, result in zip(missing, again, strict=True):
-                    results[i] = result
+            results = await self._execute_loading([command for command, _ in batch])
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -68,7 +71,24 @@ class Batcher:
             else:
                 future.set_result(result)
 
+    async def _execute_loading(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._execute(commands)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:  # a restarted Redis forgot the scripts: load them, resend those
+            for source in self._sources.values():
+                await self.redis.script_load(source)
+            again = await self._execute([commands[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        if len(commands) == 1:  # no pipeline for one call
+            call = self.redis.execute_command  # untyped in redis-py's async client
+            try:
+                return [await call(*commands[0])]  # type: ignore[no-untyped-call]
+            except (NoScriptError, ResponseError) as exc:
+                return [exc]
         pipe = self.redis.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)

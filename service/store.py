@@ -56,7 +56,8 @@ class Begun:
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, job_ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, job_ttl_s: int, group_commit: bool = True) -> None:
+        """``group_commit=False`` for a process that runs one job at a time (see batching)."""
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         self.batch = Batcher(
@@ -65,6 +66,7 @@ class JobStore:
                 name: (LUA_DIR / f"{name}.lua").read_text()
                 for name in ("create", "transition", "begin")
             },
+            group=group_commit,
         )
 
     async def create(self, jobs: list[Job], dispatch: Callable[[Job], Dispatch]) -> None:

@@ -66,7 +66,8 @@ def _new_runtime(config: WorkerConfig, engine: str) -> _Runtime:
             return False
 
     async def build() -> Any:
-        store = JobStore(connect(config.redis_url), config.job_ttl_s)
+        # One job at a time per process and thread: nothing to group.
+        store = JobStore(connect(config.redis_url), config.job_ttl_s, group_commit=False)
         worker_id = f"{engine}-{socket.gethostname()}-{os.getpid()}"
         registry = Registry.load_available(config.task_modules)
         return JobRunner(store, registry, worker_id, inline_sync=True, is_cancelled=is_cancelled)
