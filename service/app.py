@@ -18,7 +18,7 @@ from aiohttp import web
 
 from service import ids
 from service.engines import build_engines
-from service.engines.asyncio_ import StreamConsumer, consumer_name, io_worker
+from service.engines.asyncio_ import StreamConsumer, consumer_name, ensure_group, io_worker
 from service.engines.base import Engine
 from service.engines.cluster import HeavyDispatcher, queues_of
 from service.engines.dask_ import DaskEngine
@@ -134,6 +134,8 @@ async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HEAVY] = dispatcher
     ray.queues = queues_of(app[REGISTRY], "ray")
     await dispatcher.prepare()
+    for queue in ray.queues:  # so that /v1/queues counts Ray jobs before Ray starts
+        await ensure_group(app[REDIS], queue)
     tasks = [
         asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0)),
         asyncio.create_task(ray.keep_dispatching(dispatcher.stop)),

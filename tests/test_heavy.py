@@ -298,3 +298,21 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
     assert done["error"]["type"] == "TimeLimitExceeded"
     saw = await redis.blpop([f"test:saw_cancel:{job['id']}"], timeout=30)
     assert saw is not None and saw[1] == "True"
+
+
+async def test_a_new_dispatcher_loop_leaves_running_ray_jobs_to_the_old_one(
+    heavy_gateway: Gateway, settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Ray's dispatcher starting a new loop (here: a gateway with another lease) does not
+    run a job in flight again: the old loop keeps its lease and acknowledges it."""
+    job = await heavy_gateway.submit("test.ray_gate")
+    assert await redis.blpop([f"test:started:{job['id']}"], timeout=60) is not None
+    other = replace(settings, io=replace(settings.io, lease_s=settings.io.lease_s + 0.5))
+    await asyncio.to_thread(ensure_dispatcher, other)
+    # Three leases pass with no second attempt: nobody reclaimed the held entry.
+    again = await redis.blpop([f"test:started:{job['id']}"], timeout=3 * other.io.lease_s)
+    assert again is None
+    await redis.rpush(f"test:release:{job['id']}", "go")
+    done = await heavy_gateway.wait(job["id"], 30)
+    assert done["state"] == "succeeded" and done["result"] == 1 and done["attempts"] == 1
+    await asyncio.to_thread(ensure_dispatcher, settings)  # back to the session's settings

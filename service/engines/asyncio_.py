@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import keys, presence
@@ -122,6 +122,7 @@ class StreamConsumer:
         self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
         self._cancelled: set[str] = set()
         self._slot_freed = asyncio.Event()
+        self._draining = False
         self._batch = Batcher(redis, {"ack": (LUA_DIR / "ack.lua").read_text()})
 
     def is_cancelled(self, job_id: str) -> bool:
@@ -132,8 +133,9 @@ class StreamConsumer:
     def held(self) -> int:
         return len(self._held)
 
-    async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
-        """Consume until ``stop`` is set, then let running jobs finish for ``grace_s``."""
+    async def run(self, stop: asyncio.Event, grace_s: float | None = 10.0) -> None:
+        """Consume until ``stop`` is set, then let running jobs finish for ``grace_s``
+        (None: for as long as they take). Leases and cancels keep working meanwhile."""
         for queue in self.settings.queues:
             await ensure_group(self.redis, queue)
         helpers = [
@@ -149,10 +151,13 @@ class StreamConsumer:
                 await asyncio.wait_for(asyncio.shield(reader), 3)
         finally:
             reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            # Held jobs keep their leases (nobody else runs them meanwhile) and their
+            # cancels while they drain.
+            await self._drain(grace_s)
             for helper in helpers:
                 helper.cancel()
-            await asyncio.gather(reader, *helpers, return_exceptions=True)
-            await self._drain(grace_s)
+            await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(*_REDIS_DOWN):
                 await presence.leave(self.redis, self.name, self.settings.queues)
 
@@ -180,8 +185,12 @@ class StreamConsumer:
                 if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
                     log.error("reading the streams failed (%s); retrying", exc)
                     await asyncio.sleep(1.0)  # back off from a persistent error
-                for queue in self.settings.queues:
-                    await ensure_group(self.redis, queue)
+                try:
+                    for queue in self.settings.queues:
+                        await ensure_group(self.redis, queue)
+                except RedisError as again:  # e.g. out of memory: keep trying, never die
+                    log.error("cannot create the consumer groups (%s); retrying", again)
+                    await asyncio.sleep(1.0)
                 continue
             for stream, entries in reply or ():
                 for entry_id, fields in entries:
@@ -239,8 +248,9 @@ class StreamConsumer:
             try:
                 await self._check_in()
                 await self._renew()
-                await self._reclaim()
-            except _REDIS_DOWN as exc:
+                if not self._draining:  # a draining consumer takes no new work
+                    await self._reclaim()
+            except (RedisError, OSError) as exc:
                 log.warning("cannot renew or reclaim leases (%s)", exc)
             await asyncio.sleep(period)  # the lease period is the point of this loop
 
@@ -275,7 +285,8 @@ class StreamConsumer:
                 if not self._start(stream, entry_id, fields):
                     await self._ack(stream, entry_id)
 
-    async def _drain(self, grace_s: float) -> None:
+    async def _drain(self, grace_s: float | None) -> None:
+        self._draining = True
         tasks = [held[0] for held in self._held.values()]
         if not tasks:
             return

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from service import keys
 from service.engines.asyncio_ import StreamConsumer, ensure_group, stream_status
@@ -278,6 +279,14 @@ class ClusterEngine:
         if started is not None:
             started.set()
 
+    async def recheck_started(self) -> None:
+        """Read the state of jobs whose start may have been missed (events are lost while
+        the subscription is down, or before it is up)."""
+        for job_id in [j for j, started in self._started.items() if not started.is_set()]:
+            state = await self.redis.hget(keys.job(job_id), "state")  # type: ignore[misc]
+            if state is not None and state != JobState.QUEUED.value:
+                self.mark_started(job_id)
+
     def drop(self, job_id: str) -> None:
         """Drop the cluster task of a job cancelled while still queued."""
         handle = self._inflight.get(job_id)
@@ -392,6 +401,7 @@ class HeavyDispatcher:
         self.consumer = StreamConsumer(redis, self.execute, consumer_settings)
         #: Set to stop taking jobs; running ones get the grace period of ``run``.
         self.stop = asyncio.Event()
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def prepare(self) -> None:
         """Create the streams and their group, before jobs arrive."""
@@ -423,15 +433,35 @@ class HeavyDispatcher:
             log.error("job %s could not run on %s: %s", job_id, job.engine, exc)
             await self.store.fail(job_id, exc.error)
 
-    async def run(self, stop: asyncio.Event, grace_s: float = 5.0) -> None:
-        listener = asyncio.create_task(listen(self.redis, keys.EVENTS, self._on_event))
+    async def run(self, stop: asyncio.Event, grace_s: float | None = 5.0) -> None:
+        listener = asyncio.create_task(
+            listen(self.redis, keys.EVENTS, self._on_event, self._on_connect)
+        )
         try:
             await self.consumer.run(stop, grace_s)
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
 
+    def _on_connect(self) -> None:
+        task = asyncio.create_task(self._recheck())
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self) -> None:
+        try:
+            for engine in self.engines.values():
+                await engine.recheck_started()
+        except (RedisError, OSError) as exc:  # the next (re)connect checks again
+            log.warning("could not re-check started jobs (%s)", exc)
+
     def _on_event(self, data: str) -> None:
+        try:
+            self._route_event(data)
+        except Exception:  # one odd message must not end the subscription
+            log.exception("could not handle event %r", data[:200])
+
+    def _route_event(self, data: str) -> None:
         # Cheap filters first: this sees every state change of every job.
         if not any(e.inflight for e in self.engines.values()):
             return

@@ -153,7 +153,7 @@ class RayEngine(ClusterEngine):
                         continue
                     pause = REPROBE_S if self.state == UNREACHABLE else 0.0
                 else:
-                    await asyncio.to_thread(_ensure_dispatcher, self.settings)
+                    await asyncio.to_thread(_ensure_dispatcher, self.settings, answer=True)
                     pause = KEEP_DISPATCHER_S
             except EngineUnavailable as exc:
                 log.warning("%s", exc)
@@ -179,13 +179,20 @@ class RayEngine(ClusterEngine):
     async def _connect(self) -> None:
         # A process already connected (the dispatcher actor, a test session, an embedding
         # program) keeps its Ray and closes it itself.
-        self._owns_ray = not _ray_initialized()
-        if self._owns_ray and not self.address:
+        # Sticky: a retry after a failure further on finds the Ray this engine started.
+        self._owns_ray = self._owns_ray or not _ray_initialized()
+        if self._owns_ray and not self.address and self._temp_dir is None:
             # Short and our own: Ray's socket paths must stay under the 107-byte limit.
             self._temp_dir = tempfile.mkdtemp(prefix="cf-ray-", dir="/tmp")
-        self.dashboard = await asyncio.to_thread(
-            start_ray, self.settings.engines, self._temp_dir or tempfile.gettempdir()
-        )
+        try:
+            self.dashboard = await asyncio.to_thread(
+                start_ray, self.settings.engines, self._temp_dir or tempfile.gettempdir()
+            )
+        except BaseException:
+            if self._temp_dir and not _ray_initialized():
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+                self._temp_dir = None
+            raise
 
         if self.in_cluster:
             self.use(self.config)
@@ -244,10 +251,10 @@ class RayEngine(ClusterEngine):
             ray.cancel(handle, force=running, recursive=True)
 
 
-def _ensure_dispatcher(settings: Settings) -> Any:
-    from service.engines.ray_dispatcher import ensure_dispatcher
+def _ensure_dispatcher(settings: Settings, answer: bool = False) -> Any:
+    from service.engines.ray_dispatcher import ANSWER_TIMEOUT_S, START_TIMEOUT_S, ensure_dispatcher
 
-    return ensure_dispatcher(settings)
+    return ensure_dispatcher(settings, ANSWER_TIMEOUT_S if answer else START_TIMEOUT_S)
 
 
 def _ray_initialized() -> bool:

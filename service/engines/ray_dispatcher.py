@@ -17,7 +17,6 @@ its successor after the lease.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from typing import Any
@@ -30,6 +29,8 @@ log = logging.getLogger("corefleet.ray")
 NAMESPACE = "corefleet"
 #: How long a gateway waits for the actor to start and answer.
 START_TIMEOUT_S = 120.0
+#: How long a gateway waits for a running actor to answer (it is asked every few seconds).
+ANSWER_TIMEOUT_S = 10.0
 
 
 def actor_name(redis_url: str) -> str:
@@ -45,43 +46,55 @@ class RayDispatcherActor:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
+        self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._dispatcher: Any = None  # HeavyDispatcher, imported inside Ray only
         self._engine: Any = None  # its RayEngine
         self._lease_s = 0.0
+        self._modules: tuple[str, ...] = ()
 
     async def serve(self, settings: Settings) -> dict[str, Any]:
-        """Dispatch with ``settings``: idempotent, as every gateway calls it now and then.
+        """Dispatch for a gateway with ``settings``: idempotent, as every gateway calls it
+        now and then.
 
-        Gateways differ in ports and hosts; only what the dispatcher uses counts. New task
-        modules are taken in place; a change of streams or lease starts the loop again.
+        Gateways differ in ports and hosts; only what the dispatcher uses counts. It
+        serves the task modules of every gateway that called (a rolling deploy adds
+        modules before all gateways have them), taken in place. A new stream or lease
+        starts a new loop; the old one stops reading and finishes the jobs it holds.
         """
+        async with self._lock:  # gateways call concurrently
+            return await self._serve(settings)
+
+    async def _serve(self, settings: Settings) -> dict[str, Any]:
         from service.engines.cluster import queues_of
         from service.worker_runtime import WorkerConfig
 
-        config, lease_s = WorkerConfig.of(settings), settings.io.lease_s
+        modules = tuple(dict.fromkeys((*self._modules, *settings.task_modules)))
+        config = WorkerConfig(settings.redis, settings.job_ttl_s, modules)
+        lease_s = settings.io.lease_s
         if self.serving and (config, lease_s) == (self._engine.config, self._lease_s):
             return self.info()
-        registry = _registry(settings.task_modules)
+        registry = _registry(modules)
+        self._modules = modules
         if (
             self.serving
             and lease_s == self._lease_s
-            and queues_of(registry, "ray") == self._engine.queues
+            and set(queues_of(registry, "ray")) <= set(self._engine.queues)
         ):
-            # Same streams: swap the tasks in without dropping a job in flight.
             self._dispatcher.registry = registry
             self._engine.use(config)
             return self.info()
         if self.serving:
-            # Jobs in flight keep running; their entries are claimed after the lease.
-            log.warning("Ray's streams or lease changed; dispatching again with them")
-        dispatcher = await self._build(settings, registry)  # before stopping the old one
-        await self.halt()
+            log.warning("Ray's streams or lease changed; dispatching with a new loop")
+        dispatcher = await self._build(settings, registry)
+        self._retire()
         self._dispatcher, self._engine = dispatcher, dispatcher.engines["ray"]
+        self._engine.use(config)
         self._lease_s = lease_s
         self._stop = asyncio.Event()
-        self._loop_task = asyncio.create_task(dispatcher.run(self._stop, grace_s=0.0))
+        self._loop_task = asyncio.create_task(dispatcher.run(self._stop, grace_s=None))
         return self.info()
 
     @property
@@ -90,15 +103,16 @@ class RayDispatcherActor:
 
     def info(self) -> dict[str, Any]:
         held = self._dispatcher.consumer.held if self._dispatcher is not None else 0
-        return {"serving": self.serving, "held": held}
+        return {"serving": self.serving, "held": held, "modules": list(self._modules)}
 
-    async def halt(self) -> None:
-        """Stop taking jobs (running ones keep running and finish on their own)."""
+    def _retire(self) -> None:
+        """Stop the current loop reading; it keeps renewing the leases of the jobs it
+        holds and acknowledges them as they end, so none of them runs twice."""
         if self._loop_task is None:
             return
         self._stop.set()
-        with contextlib.suppress(Exception):
-            await self._loop_task
+        self._retiring.add(self._loop_task)
+        self._loop_task.add_done_callback(self._retiring.discard)
         self._loop_task = None
 
     async def _build(self, settings: Settings, registry: Any) -> Any:
@@ -129,7 +143,7 @@ def _registry(modules: tuple[str, ...]) -> Any:
 _ACTOR_CLASS: Any = None
 
 
-def ensure_dispatcher(settings: Settings) -> Any:
+def ensure_dispatcher(settings: Settings, timeout_s: float = START_TIMEOUT_S) -> Any:
     """Start or find the dispatcher for ``settings.redis`` and have it serve (blocking)."""
     global _ACTOR_CLASS
     import ray
@@ -144,5 +158,5 @@ def ensure_dispatcher(settings: Settings) -> Any:
         num_cpus=0,  # it waits on Redis and Ray; the CPUs are for the jobs
         max_restarts=-1,
     ).remote()
-    ray.get(handle.serve.remote(settings), timeout=START_TIMEOUT_S)
+    ray.get(handle.serve.remote(settings), timeout=timeout_s)
     return handle
