@@ -316,3 +316,30 @@ async def test_a_new_dispatcher_loop_leaves_running_ray_jobs_to_the_old_one(
     done = await heavy_gateway.wait(job["id"], 30)
     assert done["state"] == "succeeded" and done["result"] == 1 and done["attempts"] == 1
     await asyncio.to_thread(ensure_dispatcher, settings)  # back to the session's settings
+
+
+class _OldDispatcher:
+    """Stands in for Ray's dispatcher of another corefleet version."""
+
+    async def serve(self, settings: Settings) -> dict[str, str]:
+        return {"version": "0.0.0-old"}
+
+
+async def test_a_dispatcher_of_another_corefleet_version_is_replaced(
+    settings: Settings, local_ray: None
+) -> None:
+    """After an upgrade the detached actor still runs the old code: the gateway replaces it."""
+    import ray
+
+    from service.engines.ray_dispatcher import NAMESPACE, actor_name, corefleet_version
+
+    mine = replace(settings, redis_url=settings.redis.rsplit("/", 1)[0] + "/3")
+    name = actor_name(mine.redis)
+    old = ray.remote(_OldDispatcher).options(name=name, namespace=NAMESPACE, lifetime="detached")
+    old.remote()
+    handle = await asyncio.to_thread(ensure_dispatcher, mine)
+    try:
+        info = await asyncio.to_thread(ray.get, handle.info.remote(), timeout=60)
+        assert info["version"] == corefleet_version() and info["serving"]
+    finally:
+        ray.kill(handle, no_restart=True)

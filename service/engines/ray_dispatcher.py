@@ -11,14 +11,17 @@ and hands it its settings again now and then: the newest gateway's settings (tas
 modules, Redis URL) win, and an actor lost with its node is started again.
 
 Redelivery stays corefleet's: if the actor dies, its unacknowledged entries are claimed by
-its successor after the lease.
+its successor after the lease. An actor running another corefleet version than the gateway
+(an upgrade) is replaced; the jobs it was running run again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.metadata
 import logging
+import time
 from typing import Any
 
 from service.settings import Settings
@@ -31,6 +34,13 @@ NAMESPACE = "corefleet"
 START_TIMEOUT_S = 120.0
 #: How long a gateway waits for a running actor to answer (it is asked every few seconds).
 ANSWER_TIMEOUT_S = 10.0
+
+
+def corefleet_version() -> str:
+    try:
+        return importlib.metadata.version("corefleet")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def actor_name(redis_url: str) -> str:
@@ -103,7 +113,12 @@ class RayDispatcherActor:
 
     def info(self) -> dict[str, Any]:
         held = self._dispatcher.consumer.held if self._dispatcher is not None else 0
-        return {"serving": self.serving, "held": held, "modules": list(self._modules)}
+        return {
+            "serving": self.serving,
+            "held": held,
+            "modules": list(self._modules),
+            "version": corefleet_version(),
+        }
 
     def _retire(self) -> None:
         """Stop the current loop reading; it keeps renewing the leases of the jobs it
@@ -150,13 +165,31 @@ def ensure_dispatcher(settings: Settings, timeout_s: float = START_TIMEOUT_S) ->
 
     if _ACTOR_CLASS is None:
         _ACTOR_CLASS = ray.remote(RayDispatcherActor)
-    handle = _ACTOR_CLASS.options(
-        name=actor_name(settings.redis),
-        namespace=NAMESPACE,
-        lifetime="detached",  # it outlives the gateway that started it
-        get_if_exists=True,
-        num_cpus=0,  # it waits on Redis and Ray; the CPUs are for the jobs
-        max_restarts=-1,
-    ).remote()
-    ray.get(handle.serve.remote(settings), timeout=timeout_s)
-    return handle
+    for _attempt in range(2):
+        handle = _ACTOR_CLASS.options(
+            name=actor_name(settings.redis),
+            namespace=NAMESPACE,
+            lifetime="detached",  # it outlives the gateway that started it
+            get_if_exists=True,
+            num_cpus=0,  # it waits on Redis and Ray; the CPUs are for the jobs
+            max_restarts=-1,
+        ).remote()
+        info = ray.get(handle.serve.remote(settings), timeout=timeout_s)
+        if info.get("version") == corefleet_version():
+            return handle
+        # An actor of an older (or newer) corefleet: its code is not this gateway's.
+        log.warning("replacing Ray's dispatcher of corefleet %s", info.get("version"))
+        ray.kill(handle, no_restart=True)
+        _wait_gone(ray, actor_name(settings.redis))
+    raise RuntimeError("Ray's dispatcher keeps running another corefleet version")
+
+
+def _wait_gone(ray: Any, name: str) -> None:
+    """Until the killed actor's name is free again (Ray frees it once the actor is dead)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)  # Ray has no wait for an actor's death by name
