@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never awaits
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from service import keys
 from service.batching import Batcher

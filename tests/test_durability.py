@@ -7,7 +7,10 @@ import asyncio
 import aiohttp
 import redis.asyncio as aioredis
 
+from service import ids, keys
+from service.jobs import Job
 from service.settings import Settings
+from service.store import Dispatch, JobStore, connect
 from tests.conftest import Gateway, wait_state
 from tests.procs import Proc, RedisServer, env_with, free_port, http_ok, wait_until
 
@@ -66,3 +69,20 @@ async def test_running_jobs_survive_a_gateway_crash(
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_worker_process_store_rides_out_a_redis_restart(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    """The store a Celery, Ray or Dask worker keeps across jobs (one call at a time, a
+    pooled connection) reconnects after Redis restarts, instead of failing the next job's
+    first call with "Connection closed by server"."""
+    store = JobStore(connect(redis_server.url), 60, group_commit=False)
+    job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io")
+    await store.create([job], lambda j: Dispatch("xadd", keys.stream(j.queue), j.id))
+    # Blocking on purpose: a worker's loop runs only during a job, so nothing reads the
+    # closed socket before the next job's first call.
+    redis_server.restart()
+    begun = await store.begin(job.id, "worker-1")  # the first call after the restart
+    assert begun.job is not None and begun.job.attempts == 1  # the test Redis keeps data
+    await store.redis.aclose()
