@@ -19,6 +19,8 @@ and ``--cf-mode single`` measures one POST per job (64 in flight) instead.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 from typing import Any
 
@@ -66,10 +68,22 @@ def ensure_arq_venv() -> None:
         if probe.returncode == 0:
             return
     print("creating bench/.venv-arq with arq 0.28 (uv) ...", flush=True)
-    subprocess.run(["uv", "venv", str(ARQ_VENV), "-p", "3.11"], check=True, cwd=ROOT)
+    uv = _uv()
+    subprocess.run([uv, "venv", str(ARQ_VENV), "-p", "3.11"], check=True, cwd=ROOT)
     subprocess.run(
-        ["uv", "pip", "install", "-p", str(ARQ_PYTHON), "arq==0.28.*"], check=True, cwd=ROOT
+        [uv, "pip", "install", "-p", str(ARQ_PYTHON), "arq==0.28.*"], check=True, cwd=ROOT
     )
+
+
+def _uv() -> str:
+    """uv: the one running us (``uv run`` sets UV), on PATH, or the README's ``.uv``."""
+    found = os.environ.get("UV") or shutil.which("uv")
+    if found:
+        return found
+    local = ROOT / ".uv" / "bin" / "uv"
+    if local.exists():
+        return str(local)
+    raise SystemExit("uv is needed to build arq's environment: pip install uv")
 
 
 def run_corefleet(redis: RedisServer, args: argparse.Namespace, mode: str) -> dict[str, Any]:
