@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from service.up import http_ok, redis_answers  # noqa: F401  # http_ok: re-exported for tests
+from service.up import http_ok, redis_answers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,6 +118,19 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
+
+
+def gateway_process(env: dict[str, str]) -> tuple[Proc, str]:
+    """A `corefleet gateway` process on ``COREFLEET_PORT`` of ``env`` once it answers, and
+    its URL. Blocking: async tests call it through ``asyncio.to_thread``."""
+    url = f"http://127.0.0.1:{env['COREFLEET_PORT']}"
+    proc = Proc(["gateway"], env)
+    try:
+        wait_until(lambda: http_ok(url + "/healthz"), 30, "gateway")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
 
 
 def process_tree(pid: int) -> set[int]:

@@ -13,22 +13,24 @@ import clients
 from clients import AsyncClient, Client
 from service import errors
 from service.jobs import JobState
-from tests.procs import ROOT, Proc, RedisServer, env_with, free_port, http_ok, wait_until
+from tests.procs import (
+    ROOT,
+    RedisServer,
+    env_with,
+    free_port,
+    gateway_process,
+)
 
 
 @pytest.fixture(scope="module")
 def gateway_url(redis_server: RedisServer) -> Iterator[str]:
-    port = free_port()
-    proc = Proc(
-        ["gateway"],
+    proc, url = gateway_process(
         env_with(
             COREFLEET_REDIS_URL=redis_server.url,
-            COREFLEET_PORT=str(port),
+            COREFLEET_PORT=str(free_port()),
             COREFLEET_TASK_MODULES="tests.fleet_tasks",
-        ),
+        )
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(url + "/healthz"), 30, "gateway")
     yield url
     proc.stop()
 

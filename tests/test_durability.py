@@ -12,7 +12,7 @@ from service.jobs import Job
 from service.settings import Settings
 from service.store import Dispatch, JobStore, connect
 from tests.conftest import Gateway, wait_state
-from tests.procs import Proc, RedisServer, env_with, free_port, http_ok, wait_until
+from tests.procs import Proc, RedisServer, env_with, free_port, gateway_process
 
 
 async def test_queued_jobs_survive_a_redis_restart(
@@ -43,11 +43,9 @@ async def test_running_jobs_survive_a_gateway_crash(
         COREFLEET_IO_LEASE_S="1",
         COREFLEET_TASK_MODULES="tests.fleet_tasks",
     )
-    url = f"http://127.0.0.1:{port}"
-    first = Proc(["gateway"], env)
-    second = None
+    first, url = await asyncio.to_thread(gateway_process, env)
+    second: Proc | None = None
     try:
-        await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
         async with aiohttp.ClientSession() as session:
             ids = []
             for _ in range(5):
@@ -59,8 +57,7 @@ async def test_running_jobs_survive_a_gateway_crash(
             for job_id in ids:
                 await wait_state(redis, job_id, "running")
             first.kill()
-            second = Proc(["gateway"], env)
-            await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
+            second, _ = await asyncio.to_thread(gateway_process, env)
             for job_id in ids:
                 async with session.get(f"{url}/v1/jobs/{job_id}?wait=30") as resp:
                     record = await resp.json()

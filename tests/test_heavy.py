@@ -22,7 +22,7 @@ from service.errors import InvalidBody
 from service.settings import EngineSettings, Settings
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
 from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
-from tests.procs import Proc, RedisServer, env_with, free_port, http_ok, wait_until
+from tests.procs import Proc, RedisServer, env_with, free_port, gateway_process
 
 
 # Module scope is once per session (only this module uses Ray), and Ray, with its detached
@@ -245,10 +245,9 @@ async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
         COREFLEET_TASK_MODULES=",".join(settings.task_modules),
         COREFLEET_RAY_ADDRESS=ray.get_runtime_context().gcs_address,
     )
-    url = f"http://127.0.0.1:{port}"
-    first, second = Proc(["gateway"], env), None
+    first, url = await asyncio.to_thread(gateway_process, env)
+    second: Proc | None = None
     try:
-        await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
         async with aiohttp.ClientSession() as session:
             async with session.post(url + "/v1/jobs", json={"task": "test.ray_gate"}) as resp:
                 assert resp.status == 202
@@ -260,8 +259,7 @@ async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
             # One attempt: the Ray task was not killed with the gateway, nor run again.
             assert await redis.hget(f"cf:job:{job_id}", "attempts") == "1"
             assert await redis.llen(f"test:started:{job_id}") == 0
-            second = Proc(["gateway"], env)
-            await asyncio.to_thread(wait_until, lambda: http_ok(url + "/healthz"), 30, "gateway")
+            second, _ = await asyncio.to_thread(gateway_process, env)
             async with session.get(f"{url}/v1/jobs/{job_id}") as resp:
                 record = await resp.json()
             assert record["state"] == "succeeded" and record["result"] == 1

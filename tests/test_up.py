@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree, wait_until
 
@@ -45,46 +46,16 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         assert "no GPU found: gpu jobs run on the CPU" in banner
         assert http_ok(f"http://127.0.0.1:{flower_port}/healthcheck")
         assert len(tree) >= 5  # up, the embedded Redis, the gateway, the worker, Flower
-        request = urllib.request.Request(
-            url + "/v1/jobs",
-            data=json.dumps({"task": "io.echo", "args": ["hi"]}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            job = json.loads(resp.read())
-        with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=30", timeout=40) as resp:
-            done = json.loads(resp.read())
+        job = _call(url + "/v1/jobs", {"task": "io.echo", "args": ["hi"]})
+        done = _call(f"{url}/v1/jobs/{job['id']}?wait=30")
         assert done["state"] == "succeeded" and done["result"] == "hi"
-        request = urllib.request.Request(
-            url + "/v1/jobs",
-            data=json.dumps({"task": "cpu.count_primes", "args": [100]}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            job = json.loads(resp.read())
-        with urllib.request.urlopen(f"{url}/v1/jobs/{job['id']}?wait=60", timeout=70) as resp:
-            done = json.loads(resp.read())
+        job = _call(url + "/v1/jobs", {"task": "cpu.count_primes", "args": [100]})
+        done = _call(f"{url}/v1/jobs/{job['id']}?wait=60")
         assert done["state"] == "succeeded" and done["result"] == 25
-        request = urllib.request.Request(
-            url + "/v1/jobs?wait=60",
-            data=json.dumps({"task": "gpu.fft", "args": [8]}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=70) as resp:
-            done = json.loads(resp.read())
+        done = _call(url + "/v1/jobs?wait=60", {"task": "gpu.fft", "args": [8]})
         assert done["state"] == "succeeded" and done["result"]["device"] == "cpu"
         # A heavy job starts the gateway's local Ray and Ray's dispatcher actor inside it.
-        request = urllib.request.Request(
-            url + "/v1/jobs?wait=60",
-            data=json.dumps({"task": "heavy.pi", "args": [100_000, 2, 1]}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=70) as resp:
-            done = json.loads(resp.read())
+        done = _call(url + "/v1/jobs?wait=60", {"task": "heavy.pi", "args": [100_000, 2, 1]})
         assert done["state"] == "succeeded" and abs(done["result"]["pi"] - 3.14) < 0.05
         tree = process_tree(proc.pid)
         # Ray's processes, the detached dispatcher among them, are up's to stop as well.
@@ -105,3 +76,13 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _call(url: str, body: dict[str, Any] | None = None) -> Any:
+    """GET ``url``, or POST ``body`` to it as JSON; the JSON answer (waits of up to 60 s)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
+    with urllib.request.urlopen(request, timeout=70) as resp:
+        return json.loads(resp.read())

@@ -18,6 +18,7 @@ its successor after the lease. An actor running another corefleet version than t
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -36,6 +37,7 @@ START_TIMEOUT_S = 120.0
 ANSWER_TIMEOUT_S = 10.0
 
 
+@functools.cache  # asked on every serve, every few seconds per gateway
 def corefleet_version() -> str:
     try:
         return importlib.metadata.version("corefleet")
