@@ -261,7 +261,9 @@ async def _wait_watched(
             changed.clear()
             # Only the end matters while waiting: a change to running is read only if the
             # wait ends first.
-            if job is None or changed.state is None or JobState(changed.state).terminal:
+            if changed.record is not None:  # the terminal event carried the record
+                job, stale = Job.from_hash(changed.record), False
+            elif job is None or changed.state is None or JobState(changed.state).terminal:
                 job, stale = await app[STORE].get(job_id), False
             else:
                 stale = True

@@ -47,11 +47,13 @@ async def listen(
 
 class Watch(asyncio.Event):
     """Set on every change of one job; ``state`` is the newest state seen, or None when
-    it is unknown (the subscription was lost and came back)."""
+    it is unknown (the subscription was lost and came back). ``record`` is the finished
+    record when the newest change ended the job and the event carried it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.state: str | None = None
+        self.record: dict[str, str] | None = None
 
 
 class EventHub:
@@ -95,6 +97,7 @@ class EventHub:
         change = json.loads(data)
         for event in self._waiters.get(change.get("id"), ()):
             event.state = change.get("state")
+            event.record = change.get("job")
             event.set()
 
     def _on_connect(self) -> None:
@@ -102,4 +105,5 @@ class EventHub:
         for waiters in self._waiters.values():
             for event in waiters:
                 event.state = None  # changes may have been missed: read the record
+                event.record = None
                 event.set()

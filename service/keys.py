@@ -4,7 +4,7 @@ PREFIX = "cf:"
 
 #: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``.
 EVENTS = PREFIX + "events"
-#: Pub/sub channel that carries the id of each running job that was cancelled.
+#: Pub/sub channel that carries each cancel: ``{"id": job id, "from": its state before}``.
 CANCEL = PREFIX + "cancel"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"

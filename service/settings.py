@@ -115,6 +115,10 @@ class EngineSettings:
     #: CPUs a local Ray may use (0: all).
     ray_cpus: int = 0
     ray_dashboard: bool = False
+    #: Ray's own record of each job's Ray task (its dashboard's task list, ``ray list
+    #: tasks``). Off: corefleet records every job itself, and Ray's record costs about as
+    #: much CPU per task as the task's whole round trip otherwise.
+    ray_task_events: bool = False
     #: A Dask scheduler (``tcp://host:8786``); empty: a LocalCluster.
     dask_address: str = ""
     #: Worker processes of a local Dask cluster (0: one per core).
@@ -184,6 +188,7 @@ class Settings:
             ray_address=env.get("COREFLEET_RAY_ADDRESS", ""),
             ray_cpus=_int(env, "COREFLEET_RAY_CPUS", 0),
             ray_dashboard=_bool(env, "COREFLEET_RAY_DASHBOARD", False),
+            ray_task_events=_bool(env, "COREFLEET_RAY_TASK_EVENTS", False),
             dask_address=env.get("COREFLEET_DASK_ADDRESS", ""),
             dask_workers=_int(env, "COREFLEET_DASK_WORKERS", 0),
             gpu_fallback=env.get("COREFLEET_GPU_FALLBACK", ""),

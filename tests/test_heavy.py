@@ -6,7 +6,7 @@ import asyncio
 import math
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +110,40 @@ async def test_cancelling_a_running_ray_job_kills_its_ray_task(
     assert status == 200 and record["state"] == "cancelled"
     await wait_gone(pid)  # ray.cancel(force=True) killed the Ray worker process
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "cancelled"
+
+
+async def _until_held(redis: aioredis.Redis, count: Callable[[int], bool]) -> None:
+    """Until the number of heavy entries a dispatcher holds (read, not acknowledged) passes
+    ``count``: a stream's pending count has no event to wait on."""
+    async with asyncio.timeout(30):
+        while True:
+            if count(int((await redis.xpending("cf:stream:heavy", "corefleet-io"))["pending"])):
+                return
+            await asyncio.sleep(0.05)  # sleep-ok: polling a count that has no event
+
+
+async def test_a_ray_job_cancelled_while_waiting_for_a_cpu_never_runs(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Two jobs hold Ray's 2 CPUs; a third, launched and waiting in Ray, is cancelled: its
+    Ray task is dropped at once (its entry acknowledged while the CPUs are still held), and
+    it never runs once they are free."""
+    gates = [await heavy_gateway.submit("test.ray_gate") for _ in range(2)]
+    for gate in gates:
+        assert await redis.blpop([f"test:started:{gate['id']}"], timeout=60) is not None
+    waiting = await heavy_gateway.submit("test.ray_gate")
+    await _until_held(redis, lambda held: held == 3)  # the dispatcher launched it
+    status, record = await heavy_gateway.call("DELETE", f"/v1/jobs/{waiting['id']}")
+    assert status == 200 and record["state"] == "cancelled"
+    await _until_held(redis, lambda held: held == 2)
+    for gate in gates:
+        await redis.rpush(f"test:release:{gate['id']}", "go")
+    for gate in gates:
+        assert (await heavy_gateway.wait(gate["id"]))["state"] == "succeeded"
+    await _until_held(redis, lambda held: held == 0)
+    assert await redis.llen(f"test:started:{waiting['id']}") == 0
+    assert await redis.hget(f"cf:job:{waiting['id']}", "attempts") == "0"
+    assert await redis.hget(f"cf:job:{waiting['id']}", "state") == "cancelled"
 
 
 async def test_a_running_dask_job_is_cancelled_cooperatively(

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 from service import ids, keys
+from service.events import EventHub
 from service.jobs import ALLOWED_FROM, TERMINAL, Job, JobState, now_iso
 from service.store import JobStore
 
@@ -67,21 +69,43 @@ async def test_transition_of_a_missing_job_reports_none(store: JobStore) -> None
     assert await store.redis.dbsize() == 0
 
 
-async def test_every_transition_is_published(store: JobStore) -> None:
-    """A move publishes {id, state, from} on the events channel; a refusal publishes nothing."""
-    job_id = await _job_in(store, JobState.QUEUED)
-    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(keys.EVENTS)
-    await store.transition(job_id, JobState.SUCCEEDED)  # refused: queued -> succeeded
-    await store.transition(job_id, JobState.CANCELLED)
-    messages = []
+async def _next_messages(pubsub: aioredis.client.PubSub, count: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
     async with asyncio.timeout(5):
-        while not messages:
+        while len(messages) < count:
             message = await pubsub.get_message(timeout=5)
             if message is not None:
                 messages.append(json.loads(message["data"]))
-    assert messages == [{"id": job_id, "state": "cancelled", "from": "queued"}]
+    return messages
+
+
+async def test_every_transition_is_published(store: JobStore) -> None:
+    """A move publishes {id, state, from} on the events channel; a refusal publishes nothing.
+    A move to a terminal state carries the finished record, and a cancel goes to whoever
+    holds the job too."""
+    job_id = await _job_in(store, JobState.QUEUED)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.EVENTS, keys.CANCEL)
+    await store.transition(job_id, JobState.SUCCEEDED)  # refused: queued -> succeeded
+    await store.transition(job_id, JobState.RUNNING)
+    await store.transition(job_id, JobState.CANCELLED)
+    running, cancelled, cancel = await _next_messages(pubsub, 3)
     await pubsub.aclose()
+    assert running == {"id": job_id, "state": "running", "from": "queued"}
+    record = await store.redis.hgetall(keys.job(job_id))
+    assert cancelled == {"id": job_id, "state": "cancelled", "from": "running", "job": record}
+    assert cancel == {"id": job_id, "from": "running"}
+
+
+async def test_a_terminal_event_leaves_a_large_record_out(store: JobStore) -> None:
+    """A record too large to travel with every event is read back by whoever needs it."""
+    job_id = await _job_in(store, JobState.RUNNING)
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.EVENTS)
+    assert await store.succeed(job_id, json.dumps("x" * 10_000))
+    (finished,) = await _next_messages(pubsub, 1)
+    await pubsub.aclose()
+    assert finished == {"id": job_id, "state": "succeeded", "from": "running"}
 
 
 @pytest.mark.parametrize("state", [JobState.CANCELLED, *sorted(TERMINAL - {JobState.CANCELLED})])
@@ -112,3 +136,19 @@ async def test_redelivery_past_max_attempts_is_dead(store: JobStore) -> None:
     job = await store.get(job_id)
     assert job is not None and job.state is JobState.DEAD and job.attempts == 2
     assert job.error is not None and job.error["type"] == "WorkerLost"
+
+
+async def test_a_watch_gets_the_finished_record_with_the_event(store: JobStore) -> None:
+    """Whoever waits on a job gets its finished record from the terminal event itself."""
+    hub = EventHub(store.redis)
+    await hub.start()
+    job_id = await _job_in(store, JobState.RUNNING)
+    try:
+        with hub.watch(job_id) as changed:
+            assert await store.succeed(job_id, "42")
+            await asyncio.wait_for(changed.wait(), 5)
+    finally:
+        await hub.close()
+    assert changed.state == "succeeded"
+    assert changed.record == await store.redis.hgetall(keys.job(job_id))
+    assert changed.record is not None and Job.from_hash(changed.record).result == 42

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -120,7 +121,8 @@ class StreamConsumer:
         self.name = name or consumer_name()
         # job id -> (asyncio task, stream, entry id) for every job this worker holds
         self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
-        self._cancelled: set[str] = set()
+        #: Jobs this consumer holds that were cancelled, and the state they were in then.
+        self._cancelled: dict[str, str] = {}
         self._slot_freed = asyncio.Event()
         self._draining = False
         self._batch = Batcher(redis, {"ack": (LUA_DIR / "ack.lua").read_text()})
@@ -128,6 +130,11 @@ class StreamConsumer:
     def is_cancelled(self, job_id: str) -> bool:
         """Whether a cancel for ``job_id`` reached this consumer while it held the job."""
         return job_id in self._cancelled
+
+    def cancelled_from(self, job_id: str) -> str | None:
+        """The state ``job_id`` was cancelled in, if a cancel reached this consumer while it
+        held the job (``running``, or ``queued`` for a job not begun yet)."""
+        return self._cancelled.get(job_id)
 
     @property
     def held(self) -> int:
@@ -224,7 +231,7 @@ class StreamConsumer:
             log.exception("job %s could not be run; it will be delivered again", job_id)
         finally:
             self._held.pop(job_id, None)
-            self._cancelled.discard(job_id)
+            self._cancelled.pop(job_id, None)
             self._slot_freed.set()
             if done:
                 await self._ack(stream, entry_id)
@@ -236,10 +243,16 @@ class StreamConsumer:
             # The entry stays pending; whoever claims it finds the job finished and acks.
             log.warning("could not acknowledge %s (%s)", entry_id, exc)
 
-    def _on_cancel(self, job_id: str) -> None:
+    def _on_cancel(self, data: str) -> None:
+        try:
+            cancel = json.loads(data)
+            job_id, before = str(cancel["id"]), str(cancel["from"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an odd cancel message %r", data[:200])
+            return
         held = self._held.get(job_id)
         if held is not None:
-            self._cancelled.add(job_id)
+            self._cancelled[job_id] = before
             held[0].cancel()
 
     async def _keep_leases(self) -> None:

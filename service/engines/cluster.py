@@ -163,9 +163,12 @@ class ClusterEngine:
         self._lock: asyncio.Lock | None = None
         self._watch: asyncio.Task[None] | None = None
         self._inflight: dict[str, Any] = {}
-        self._dropped: set[str] = set()
         #: Set when the runner marks an in-flight job running: its time limit starts then.
         self._started: dict[str, asyncio.Event] = {}
+        #: The events subscription that sees those starts: up only while a job with a time
+        #: limit waits to start, as it carries every change of every job.
+        self._starts: asyncio.Task[None] | None = None
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     # Engine protocol -----------------------------------------------------------------------
 
@@ -188,7 +191,7 @@ class ClusterEngine:
 
     async def cancel(self, job: Job) -> None:
         # The cancel transition publishes on keys.CANCEL; the dispatcher holding the job
-        # cancels its ``run``, which interrupts the cluster task.
+        # cancels its ``run``, which drops or interrupts the cluster task.
         return None
 
     async def status(self) -> dict[str, Any]:
@@ -204,28 +207,34 @@ class ClusterEngine:
         return status
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._starts):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.connected:
             await self._disconnect()
             self.connected = False
 
     # running jobs --------------------------------------------------------------------------
 
-    async def run(self, job: Job, spec: TaskSpec | None, by_user: Callable[[str], bool]) -> None:
+    async def run(
+        self, job: Job, spec: TaskSpec | None, cancelled_from: Callable[[str], str | None]
+    ) -> None:
         """Run ``job`` on the cluster and wait until its runner has stored the outcome.
 
-        Cancelling this coroutine because the user cancelled the job (``by_user``)
-        interrupts the cluster task; a shutdown leaves it running, as its outcome reaches
+        Cancelling this coroutine because the user cancelled the job (``cancelled_from``
+        says in which state) drops the cluster task if it still waits for a CPU and
+        interrupts it if it runs; a shutdown leaves it running, as its outcome reaches
         Redis without the dispatcher. A job still running past its time limit is
         interrupted and fails with ``TimeLimitExceeded``.
         """
         await self.ensure_started()
         limit = job.timeout_s or (spec.timeout_s if spec is not None else None)
         if limit is not None:
+            # Registered before the launch, so that the start cannot slip past.
             self._started[job.id] = asyncio.Event()
+            self._watch_starts()
         handle = self._launch(job, spec)
         self._inflight[job.id] = handle
         try:
@@ -234,20 +243,14 @@ class ClusterEngine:
             else:
                 await self._wait_within(job, handle, limit)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling() == 0 and job.id in self._dropped:
-                return  # the cluster future was dropped by a cancel while queued
-            if by_user(job.id):
-                self._interrupt(handle, running=True)
-            raise
-        except Exception:
-            if job.id in self._dropped:
-                return
+            before = cancelled_from(job.id)
+            if before is not None:
+                self._interrupt(handle, running=before == JobState.RUNNING.value)
             raise
         finally:
             self._inflight.pop(job.id, None)
-            self._dropped.discard(job.id)
-            self._started.pop(job.id, None)
+            if self._started.pop(job.id, None) is not None:
+                self._watch_starts()
 
     async def _wait_within(self, job: Job, handle: Any, limit: float) -> None:
         # The clock starts when the runner marks the job running, not while the task
@@ -273,26 +276,54 @@ class ClusterEngine:
                 future.cancel()
             await asyncio.gather(waiting, started, return_exceptions=True)
 
+    # when jobs with a time limit start ---------------------------------------------------
+
+    def _watch_starts(self) -> None:
+        """Subscribe to job events while a job with a time limit waits to start, and only
+        then: the subscription wakes this process for every change of every job."""
+        waiting = any(not started.is_set() for started in self._started.values())
+        listening = self._starts is not None and not self._starts.done()
+        if waiting and not listening:
+            self._starts = asyncio.create_task(
+                listen(self.redis, keys.EVENTS, self._on_event, self._on_subscribed)
+            )
+        elif listening and not waiting:
+            assert self._starts is not None
+            self._starts.cancel()
+            self._starts = None
+
+    def _on_event(self, data: str) -> None:
+        # Cheap filter first: this sees every state change of every job.
+        if '"running"' not in data:
+            return
+        try:
+            job_id = str(json.loads(data)["id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an odd event %r", data[:200])
+            return
+        self.mark_started(job_id)
+
     def mark_started(self, job_id: str) -> None:
-        """The runner marked ``job_id`` running (seen on the events channel)."""
+        """The runner marked ``job_id`` running: its time limit starts now."""
         started = self._started.get(job_id)
-        if started is not None:
+        if started is not None and not started.is_set():
             started.set()
+            self._watch_starts()
 
-    async def recheck_started(self) -> None:
-        """Read the state of jobs whose start may have been missed (events are lost while
-        the subscription is down, or before it is up)."""
-        for job_id in [j for j, started in self._started.items() if not started.is_set()]:
-            state = await self.redis.hget(keys.job(job_id), "state")  # type: ignore[misc]
-            if state is not None and state != JobState.QUEUED.value:
-                self.mark_started(job_id)
+    def _on_subscribed(self) -> None:
+        # Starts published before the subscription was up are not seen: read them.
+        task = asyncio.create_task(self._recheck_started())
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
 
-    def drop(self, job_id: str) -> None:
-        """Drop the cluster task of a job cancelled while still queued."""
-        handle = self._inflight.get(job_id)
-        if handle is not None:
-            self._dropped.add(job_id)
-            self._interrupt(handle, running=False)
+    async def _recheck_started(self) -> None:
+        try:
+            for job_id in [j for j, started in self._started.items() if not started.is_set()]:
+                state = await self.redis.hget(keys.job(job_id), "state")  # type: ignore[misc]
+                if state is not None and state != JobState.QUEUED.value:
+                    self.mark_started(job_id)
+        except (RedisError, OSError) as exc:  # the next (re)subscription checks again
+            log.warning("could not re-check started jobs (%s)", exc)
 
     @property
     def inflight(self) -> int:
@@ -401,7 +432,6 @@ class HeavyDispatcher:
         self.consumer = StreamConsumer(redis, self.execute, consumer_settings)
         #: Set to stop taking jobs; running ones get the grace period of ``run``.
         self.stop = asyncio.Event()
-        self._rechecks: set[asyncio.Task[None]] = set()
 
     async def prepare(self) -> None:
         """Create the streams and their group, before jobs arrive."""
@@ -427,54 +457,11 @@ class HeavyDispatcher:
                         f"dispatcher, which cannot run {job.engine} jobs",
                     )
                 )
-            await engine.run(job, self.registry.get(job.task), self.consumer.is_cancelled)
+            await engine.run(job, self.registry.get(job.task), self.consumer.cancelled_from)
         except CouldNotRun as exc:
             # Delivering it again would fail the same way: fail the job, with the reason.
             log.error("job %s could not run on %s: %s", job_id, job.engine, exc)
             await self.store.fail(job_id, exc.error)
 
     async def run(self, stop: asyncio.Event, grace_s: float | None = 5.0) -> None:
-        listener = asyncio.create_task(
-            listen(self.redis, keys.EVENTS, self._on_event, self._on_connect)
-        )
-        try:
-            await self.consumer.run(stop, grace_s)
-        finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
-
-    def _on_connect(self) -> None:
-        task = asyncio.create_task(self._recheck())
-        self._rechecks.add(task)
-        task.add_done_callback(self._rechecks.discard)
-
-    async def _recheck(self) -> None:
-        try:
-            for engine in self.engines.values():
-                await engine.recheck_started()
-        except (RedisError, OSError) as exc:  # the next (re)connect checks again
-            log.warning("could not re-check started jobs (%s)", exc)
-
-    def _on_event(self, data: str) -> None:
-        try:
-            self._route_event(data)
-        except Exception:  # one odd message must not end the subscription
-            log.exception("could not handle event %r", data[:200])
-
-    def _route_event(self, data: str) -> None:
-        # Cheap filters first: this sees every state change of every job.
-        if not any(e.inflight for e in self.engines.values()):
-            return
-        cancelled, running = '"cancelled"' in data, '"running"' in data
-        if not (cancelled or running):
-            return
-        event = json.loads(data)
-        job_id = str(event.get("id"))
-        for engine in self.engines.values():
-            if event.get("state") == JobState.RUNNING.value:
-                engine.mark_started(job_id)
-            elif cancelled and event.get("from") in (
-                JobState.QUEUED.value,
-                JobState.RETRYING.value,
-            ):
-                engine.drop(job_id)
+        await self.consumer.run(stop, grace_s)

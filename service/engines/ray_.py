@@ -133,6 +133,7 @@ class RayEngine(ClusterEngine):
         #: True inside the dispatcher actor, where Ray is this process's own.
         self.in_cluster = in_cluster
         self._remote: Any = None
+        self._base_options: dict[str, Any] = {}
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._temp_dir: str | None = None
         self._owns_ray = False
@@ -216,8 +217,13 @@ class RayEngine(ClusterEngine):
         import ray
 
         self.config = config
-        # Redelivery is corefleet's (the stream and the attempt count), not Ray's.
-        self._remote = ray.remote(max_retries=0)(ray_task_for(config))
+        # Redelivery is corefleet's (the stream and the attempt count), not Ray's. So is the
+        # record of each job: Ray's own (task events) is off unless asked for.
+        self._remote = ray.remote(ray_task_for(config))
+        self._base_options = {
+            "max_retries": 0,
+            "enable_task_events": self.settings.engines.ray_task_events,
+        }
         self._flavours.clear()
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
@@ -228,7 +234,9 @@ class RayEngine(ClusterEngine):
             if len(self._flavours) >= MAX_FLAVOURS:
                 self._flavours.clear()
             # Named after the task, so Ray's dashboard and logs say what runs.
-            remote = self._flavours[flavour] = self._remote.options(name=job.task, **options)
+            remote = self._flavours[flavour] = self._remote.options(
+                name=job.task, **self._base_options, **options
+            )
         return remote.remote(job.id)
 
     async def _wait(self, handle: Any) -> None:

@@ -6,6 +6,9 @@
 -- ARGV[5]  events channel    ARGV[6]  cancel channel
 -- ARGV[7..] field, value pairs to write with the new state
 -- Returns {1, previous state} when moved, {0, current state or ""} when refused.
+-- A terminal event carries the finished record (as "job") when it is at most this many
+-- bytes, so that whoever waits on the job answers without reading it back.
+local RECORD_IN_EVENT_MAX = 8192
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return {0, ''}
@@ -22,9 +25,19 @@ for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = ARGV[2], from = current}))
-if ARGV[2] == 'cancelled' and current == 'running' then
-  -- Whoever holds the running job interrupts it.
-  redis.call('PUBLISH', ARGV[6], ARGV[1])
+local event = {id = ARGV[1], state = ARGV[2], from = current}
+if ttl > 0 then
+  local flat = redis.call('HGETALL', KEYS[1])
+  local record, size = {}, 0
+  for i = 1, #flat, 2 do
+    record[flat[i]] = flat[i + 1]
+    size = size + #flat[i] + #flat[i + 1]
+  end
+  if size <= RECORD_IN_EVENT_MAX then event.job = record end
+end
+redis.call('PUBLISH', ARGV[5], cjson.encode(event))
+if ARGV[2] == 'cancelled' then
+  -- Whoever holds the job stops it: interrupts it if it runs, drops it if it waits.
+  redis.call('PUBLISH', ARGV[6], cjson.encode({id = ARGV[1], from = current}))
 end
 return {1, current}
