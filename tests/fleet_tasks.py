@@ -117,6 +117,15 @@ def ray_boom(message: str) -> None:
     raise OverflowError(message)
 
 
+@task("test.dask_gate", kind="heavy", engine="dask")
+def dask_gate(ctx: TaskContext) -> int:
+    """Record this attempt, wait until the test releases the job, return the attempt."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
+    return ctx.attempt
+
+
 @task("test.dask_boom", kind="heavy", engine="dask")
 def dask_boom(message: str) -> None:
     """Raise a LookupError inside a Dask task."""

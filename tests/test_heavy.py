@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -112,12 +113,14 @@ async def test_cancelling_a_running_ray_job_kills_its_ray_task(
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "cancelled"
 
 
-async def _until_held(redis: aioredis.Redis, count: Callable[[int], bool]) -> None:
-    """Until the number of heavy entries a dispatcher holds (read, not acknowledged) passes
-    ``count``: a stream's pending count has no event to wait on."""
+async def _until_held(
+    redis: aioredis.Redis, count: Callable[[int], bool], stream: str = "cf:stream:heavy"
+) -> None:
+    """Until the number of entries a dispatcher holds (read, not acknowledged) on ``stream``
+    passes ``count``: a stream's pending count has no event to wait on."""
     async with asyncio.timeout(30):
         while True:
-            if count(int((await redis.xpending("cf:stream:heavy", "corefleet-io"))["pending"])):
+            if count(int((await redis.xpending(stream, "corefleet-io"))["pending"])):
                 return
             await asyncio.sleep(0.05)  # sleep-ok: polling a count that has no event
 
@@ -303,6 +306,78 @@ async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
             second.stop()
     # Ray's dispatcher acknowledged the entry itself: nothing is left to run again.
     assert await redis.xlen("cf:stream:heavy") == 0
+
+
+def _dask_wants(scheduler: str, job_id: str) -> list[set[str]]:
+    """For each task of ``job_id`` on the Dask scheduler, the clients that want it."""
+    from distributed import Client
+
+    def wants(dask_scheduler: Any) -> list[set[str]]:
+        return [
+            {client.client_key for client in task.who_wants or ()}
+            for key, task in dask_scheduler.tasks.items()
+            if job_id in str(key)
+        ]
+
+    with Client(scheduler, timeout=10) as client:
+        return list(client.run_on_scheduler(wants))
+
+
+async def _until_dask_wants(
+    scheduler: str, job_id: str, check: Callable[[list[set[str]]], bool]
+) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            if check(await asyncio.to_thread(_dask_wants, scheduler, job_id)):
+                return
+            await asyncio.sleep(0.1)  # sleep-ok: polling the scheduler, which has no event
+
+
+async def test_a_running_dask_job_runs_once_through_a_gateway_crash(
+    settings: Settings, redis: aioredis.Redis, dask_scheduler: str
+) -> None:
+    """kill -9 of the gateway that took a Dask job: the scheduler keeps the task, and the
+    next gateway, taking the job over, waits for that very task instead of starting the
+    job again. The job succeeds after one attempt."""
+    port = free_port()
+    env = env_with(
+        COREFLEET_REDIS_URL=settings.redis,
+        COREFLEET_PORT=str(port),
+        COREFLEET_IO_LEASE_S="2",
+        COREFLEET_TASK_MODULES=",".join(settings.task_modules),
+        COREFLEET_DASK_ADDRESS=dask_scheduler,
+    )
+    first, url = await asyncio.to_thread(gateway_process, env)
+    second: Proc | None = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/jobs", json={"task": "test.dask_gate"}) as resp:
+                assert resp.status == 202
+                job_id = (await resp.json())["id"]
+            assert await redis.blpop([f"test:started:{job_id}"], timeout=60) is not None
+            first.kill()
+            # The scheduler keeps the running task, wanted by nobody but itself...
+            await _until_dask_wants(
+                dask_scheduler, job_id, lambda tasks: tasks == [{"fire-and-forget"}]
+            )
+            second, _ = await asyncio.to_thread(gateway_process, env)
+            # ... until the second gateway takes the job over (after the lease) and waits
+            # for that same task: still one task for the job.
+            await _until_dask_wants(
+                dask_scheduler,
+                job_id,
+                lambda tasks: len(tasks) == 1 and len(tasks[0] - {"fire-and-forget"}) == 1,
+            )
+            await redis.rpush(f"test:release:{job_id}", "go")
+            assert await wait_state(redis, job_id, "succeeded", "failed", "dead") == "succeeded"
+            # The second gateway lets go of the entry once the task it waited for ended.
+            await _until_held(redis, lambda held: held == 0, "cf:stream:dask")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert await redis.hget(f"cf:job:{job_id}", "attempts") == "1"
+    assert await redis.llen(f"test:started:{job_id}") == 0  # it ran once
 
 
 async def test_a_ray_job_past_its_time_limit_is_killed_and_fails(

@@ -89,15 +89,25 @@ class DaskEngine(ClusterEngine):
             await self._cluster.close()
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+        from distributed import fire_and_forget
+
         # Resources (num_cpus, ...) are Ray's: a Dask worker is one thread, one task.
-        return self._client.submit(
+        future = self._client.submit(
             run_in_dask,
             self.config,
             job.id,
-            key=f"{job.task}-{job.id}-{os.urandom(3).hex()}",
-            pure=False,
+            # One key per job: a dispatcher that takes the job over from a gateway that
+            # went away finds the task still there (see below) and waits for it, rather
+            # than starting the job a second time.
+            key=f"{job.task}-{job.id}",
             retries=0,
         )
+        # The scheduler keeps the task when this client goes away, as its outcome reaches
+        # Redis without us. Without this, a gateway's exit releases the task: a queued one
+        # is dropped, and a running one, forgotten by the scheduler, runs on unseen while
+        # the next dispatcher starts the job again.
+        fire_and_forget(future)  # type: ignore[no-untyped-call]  # untyped in distributed
+        return future
 
     async def _wait(self, handle: Any) -> None:
         from distributed import KilledWorker
@@ -111,7 +121,8 @@ class DaskEngine(ClusterEngine):
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         # Frees a queued task; a running one finishes in its thread (see the module doc).
-        task = asyncio.ensure_future(self._client.cancel([handle]))
+        # Forced: the task is wanted by fire_and_forget too.
+        task = asyncio.ensure_future(self._client.cancel([handle], force=True))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
