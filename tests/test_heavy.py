@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -23,19 +29,27 @@ from service.errors import InvalidBody
 from service.settings import EngineSettings, Settings
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
 from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
-from tests.procs import Proc, RedisServer, env_with, free_port, gateway_process
+from tests.procs import (
+    Proc,
+    RedisServer,
+    env_with,
+    free_port,
+    gateway_process,
+    wait_until,
+)
 
 
 # Module scope is once per session (only this module uses Ray), and Ray, with its detached
 # dispatcher, stops before other modules' tests, which expect nothing else using Redis.
 @pytest.fixture(scope="module")
-def local_ray(redis_server: RedisServer) -> Iterator[None]:
-    """A local Ray of 2 CPUs in its own temp dir (after Redis: workers inherit its URL)."""
+def local_ray(redis_server: RedisServer) -> Iterator[str]:
+    """A local Ray of 2 CPUs in its own temp dir (after Redis: workers inherit its URL);
+    yields its address, which gateways connect to through their Ray keeper."""
     temp_dir = tempfile.mkdtemp(prefix="cf-ray-test-", dir="/tmp")
     start_ray(EngineSettings(ray_cpus=2), temp_dir, log_to_driver=False)
-    yield
     import ray
 
+    yield str(ray.get_runtime_context().gcs_address)
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
@@ -54,9 +68,9 @@ def dask_scheduler(redis_server: RedisServer) -> Iterator[str]:
 
 @pytest.fixture
 async def heavy_gateway(
-    settings: Settings, redis: aioredis.Redis, local_ray: None, dask_scheduler: str
+    settings: Settings, redis: aioredis.Redis, local_ray: str, dask_scheduler: str
 ) -> AsyncIterator[Gateway]:
-    engines = replace(settings.engines, dask_address=dask_scheduler)
+    engines = replace(settings.engines, dask_address=dask_scheduler, ray_address=local_ray)
     server, session = await start_gateway(replace(settings, engines=engines))
     yield Gateway(server, session)
     await session.close()
@@ -64,7 +78,7 @@ async def heavy_gateway(
 
 
 async def test_heavy_tasks_give_their_known_answers(
-    heavy_gateway: Gateway, dask_scheduler: str
+    heavy_gateway: Gateway, dask_scheduler: str, local_ray: str
 ) -> None:
     """heavy.pi, heavy.matmul_blocks (Ray) and heavy.array_stats (Dask) match NumPy."""
     pi_job = await heavy_gateway.submit("heavy.pi", 200_000, 4, 7)
@@ -94,7 +108,7 @@ async def test_heavy_tasks_give_their_known_answers(
 
     status, queues = await heavy_gateway.call("GET", "/v1/queues")
     assert status == 200
-    assert queues["engines"]["ray"]["state"] == "local"
+    assert queues["engines"]["ray"]["state"] == f"connected to {local_ray}"
     assert queues["engines"]["dask"]["state"] == f"connected to {dask_scheduler}"
     assert queues["engines"]["ray"]["queues"]["heavy"]["waiting"] == 0
 
@@ -228,7 +242,7 @@ def test_a_job_can_override_its_tasks_ray_resources() -> None:
 async def test_a_task_the_cluster_cannot_import_fails_the_job(
     settings: Settings,
     redis: aioredis.Redis,
-    local_ray: None,
+    local_ray: str,
     dask_scheduler: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -244,7 +258,7 @@ async def test_a_task_the_cluster_cannot_import_fails_the_job(
     mine = replace(
         settings,
         task_modules=(*settings.task_modules, "only_here"),
-        engines=replace(settings.engines, dask_address=dask_scheduler),
+        engines=replace(settings.engines, dask_address=dask_scheduler, ray_address=local_ray),
     )
     # Ray's dispatcher is shared by the session's gateways: have it take these settings
     # first, as this gateway's would once it sees the job, so that the job cannot reach
@@ -268,11 +282,10 @@ async def test_a_task_the_cluster_cannot_import_fails_the_job(
 
 
 async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
-    settings: Settings, redis: aioredis.Redis, local_ray: None
+    settings: Settings, redis: aioredis.Redis, local_ray: str
 ) -> None:
     """kill -9 of the gateway that took a Ray job: the job runs on inside Ray, its result
     reaches Redis with no gateway up, it ran once, and a new gateway serves it."""
-    import ray
 
     port = free_port()
     env = env_with(
@@ -280,7 +293,7 @@ async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
         COREFLEET_PORT=str(port),
         COREFLEET_IO_LEASE_S=str(settings.io.lease_s),
         COREFLEET_TASK_MODULES=",".join(settings.task_modules),
-        COREFLEET_RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+        COREFLEET_RAY_ADDRESS=local_ray,
     )
     first, url = await asyncio.to_thread(gateway_process, env)
     second: Proc | None = None
@@ -306,6 +319,85 @@ async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
             second.stop()
     # Ray's dispatcher acknowledged the entry itself: nothing is left to run again.
     assert await redis.xlen("cf:stream:heavy") == 0
+
+
+async def _ray_state(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url + "/v1/queues") as resp:
+        return str((await resp.json())["engines"]["ray"]["state"])
+
+
+async def _until_ray_state(session: aiohttp.ClientSession, url: str, state: str) -> None:
+    async with asyncio.timeout(120):
+        while True:
+            if await _ray_state(session, url) == state:
+                return
+            await asyncio.sleep(0.2)  # sleep-ok: polling the gateway's view of Ray
+
+
+def _ray_head(port: int, temp_dir: str) -> subprocess.Popen[bytes]:
+    """A Ray head of 1 CPU on ``port``, in a session of its own, once it answers."""
+    argv = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block"]
+    argv += [f"--port={port}", "--num-cpus=1", f"--temp-dir={temp_dir}"]
+    head = subprocess.Popen(
+        [*argv, "--include-dashboard=false"],
+        env=env_with(RAY_AUTH_MODE="disabled"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+
+    wait_until(answers, 60, "the Ray head")
+    return head
+
+
+async def test_a_ray_cluster_that_dies_leaves_the_gateway_serving(
+    settings: Settings, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Ray ends every process connected to a cluster whose head is gone. The gateway is not
+    one of them (its Ray keeper is): it stays up, io jobs go on, Ray jobs get a 503."""
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="cf-ray-head-", dir="/tmp")
+    head = await asyncio.to_thread(_ray_head, port, temp_dir)
+    gateway: Proc | None = None
+    try:
+        env = env_with(
+            COREFLEET_REDIS_URL=settings.redis,
+            COREFLEET_PORT=str(free_port()),
+            COREFLEET_TASK_MODULES=",".join(settings.task_modules),
+            COREFLEET_RAY_ADDRESS=f"127.0.0.1:{port}",
+            # Ray ends its connected processes this long after the head is gone (60 s
+            # unless set).
+            RAY_gcs_rpc_server_reconnect_timeout_s="3",
+        )
+        gateway, url = await asyncio.to_thread(gateway_process, env)
+        async with aiohttp.ClientSession() as session:
+            ray_job = {"task": "test.ray_boom", "args": ["x"]}
+            async with session.post(url + "/v1/jobs", json=ray_job) as resp:
+                assert resp.status == 202  # a Ray job waiting: the gateway connects to Ray
+            await _until_ray_state(session, url, f"connected to 127.0.0.1:{port}")
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+            await _until_ray_state(session, url, "unreachable")
+            assert gateway.proc.poll() is None
+            io_job = {"task": "io.echo", "args": ["still here"]}
+            async with session.post(url + "/v1/jobs?wait=30", json=io_job) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["result"] == "still here"
+            async with session.post(url + "/v1/jobs", json=ray_job) as resp:
+                assert resp.status == 503
+                assert "ray" in (await resp.json())["error"]["message"]
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _dask_wants(scheduler: str, job_id: str) -> list[set[str]]:
@@ -433,7 +525,7 @@ class _OldDispatcher:
 
 
 async def test_a_dispatcher_of_another_corefleet_version_is_replaced(
-    settings: Settings, local_ray: None
+    settings: Settings, local_ray: str
 ) -> None:
     """After an upgrade the detached actor still runs the old code: the gateway replaces it."""
     import ray

@@ -5,10 +5,12 @@ local one starts (``address="local"``, its own temp dir, dashboard only when ask
 ``ray.init`` blocks, so it runs in a thread; ``import ray`` happens only there and in the
 worker processes.
 
-The engine has two sides. In the gateway it queues Ray jobs, starts Ray once a Ray stream
-holds a job, and keeps Ray's dispatcher (a detached actor, ``ray_dispatcher.py``) serving;
-it never launches a job itself, so a gateway restart leaves running Ray jobs alone. Inside
-that actor (``in_cluster``) it launches each job as a Ray task, waits for it and
+The engine has two sides. In the gateway it queues Ray jobs and, once a Ray stream holds a
+job, starts Ray's keeper (``ray_keeper.py``): the child process that starts or connects to
+Ray and keeps Ray's dispatcher (a detached actor, ``ray_dispatcher.py``) serving. The
+gateway itself is never connected to Ray, so a Ray that dies cannot end it, and it never
+launches a job itself, so a gateway restart leaves running Ray jobs alone. Inside the
+actor (``in_cluster``) the engine launches each job as a Ray task, waits for it and
 interrupts it.
 
 Cancel: a queued job never starts (the runner refuses a cancelled job, and a Ray task
@@ -20,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
-import shutil
-import tempfile
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,7 @@ from service.engines.cluster import (
     CouldNotRun,
     ray_options,
 )
+from service.engines.ray_keeper import keeper_spec
 from service.errors import EngineUnavailable
 from service.jobs import Job
 from service.runner import error_of
@@ -53,9 +56,13 @@ IDLE_WORKER_KEEP_MS = 60_000
 #: Ray task flavours (task and resources) a dispatcher keeps ready; ``.options()`` costs
 #: about as much as the submit itself.
 MAX_FLAVOURS = 256
-#: How often a gateway hands Ray's dispatcher its settings again (and so restarts a lost
+#: How often Ray's keeper hands Ray's dispatcher its settings again (and so restarts a lost
 #: one): a dead actor means Ray jobs wait at most this long, plus the lease.
 KEEP_DISPATCHER_S = 5.0
+#: How long Ray's keeper may take to start Ray and its dispatcher.
+KEEPER_START_TIMEOUT_S = 180.0
+#: How long Ray's keeper may take to stop a local Ray before it is killed.
+KEEPER_STOP_S = 30.0
 
 
 def ray_task_for(config: WorkerConfig) -> Callable[[str], str | None]:
@@ -135,39 +142,55 @@ class RayEngine(ClusterEngine):
         self._remote: Any = None
         self._base_options: dict[str, Any] = {}
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
-        self._temp_dir: str | None = None
-        self._owns_ray = False
+        self._keeper: asyncio.subprocess.Process | None = None
 
     # the gateway's side ---------------------------------------------------------------------
 
     async def keep_dispatching(self, stop: asyncio.Event) -> None:
-        """Start Ray and its dispatcher once a Ray stream holds a job; keep it serving.
+        """Start Ray's keeper once a Ray stream holds a job; start it again if it ends.
 
         Runs in the gateway until ``stop``. Waiting jobs are enough to start: a job queued
         by a producer, or left by a gateway whose local Ray stopped with it.
         """
         while not stop.is_set():
+            pause = 0.0
             try:
-                if not self.connected:
-                    if self.state != UNREACHABLE and await self._jobs_waiting():
-                        await self.ensure_started()
-                        continue
-                    pause = REPROBE_S if self.state == UNREACHABLE else 0.0
-                else:
-                    await asyncio.to_thread(_ensure_dispatcher, self.settings, answer=True)
-                    pause = KEEP_DISPATCHER_S
+                if self.connected:
+                    await self._watch_keeper(stop)
+                    continue
+                if self.state != UNREACHABLE and await self._jobs_waiting():
+                    await self.ensure_started()
+                    continue
+                pause = REPROBE_S if self.state == UNREACHABLE else 0.0
             except EngineUnavailable as exc:
                 log.warning("%s", exc)
                 pause = REPROBE_S
             except (RedisError, OSError) as exc:
                 log.warning("cannot watch the Ray streams (%s); retrying", exc)
                 pause = 1.0
-            except Exception:  # a Ray error: the dispatcher is tried again next time
-                log.exception("could not reach Ray's dispatcher")
-                pause = KEEP_DISPATCHER_S
             if pause:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), pause)
+
+    async def _watch_keeper(self, stop: asyncio.Event) -> None:
+        """Until ``stop``, or until the keeper ends: then Ray is unreachable (its jobs get a
+        503) until it answers again, and the next Ray job starts a new keeper."""
+        keeper = self._keeper
+        assert keeper is not None
+        stopping = asyncio.ensure_future(stop.wait())
+        ending = asyncio.ensure_future(keeper.wait())
+        try:
+            await asyncio.wait((stopping, ending), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            ending.cancel()
+        if keeper.returncode is not None and not stop.is_set():
+            self.connected = False
+            self._keeper = None
+            self._mark_unreachable(
+                f"Ray's keeper ended (exit code {keeper.returncode}): the Ray cluster went "
+                "away or ended it"
+            )
 
     async def _jobs_waiting(self) -> bool:
         # XREAD from the start blocks until a stream holds an entry, waiting or pending,
@@ -178,37 +201,40 @@ class RayEngine(ClusterEngine):
     # both sides -------------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        # A process already connected (the dispatcher actor, a test session, an embedding
-        # program) keeps its Ray and closes it itself.
-        # Sticky: a retry after a failure further on finds the Ray this engine started.
-        self._owns_ray = self._owns_ray or not _ray_initialized()
-        if self._owns_ray and not self.address and self._temp_dir is None:
-            # Short and our own: Ray's socket paths must stay under the 107-byte limit.
-            self._temp_dir = tempfile.mkdtemp(prefix="cf-ray-", dir="/tmp")
-        try:
-            self.dashboard = await asyncio.to_thread(
-                start_ray, self.settings.engines, self._temp_dir or tempfile.gettempdir()
-            )
-        except BaseException:
-            if self._temp_dir and not _ray_initialized():
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
-                self._temp_dir = None
-            raise
-
         if self.in_cluster:
+            # The dispatcher actor: Ray is this process's own.
+            self.dashboard = await asyncio.to_thread(start_ray, self.settings.engines, "")
             self.use(self.config)
-        else:
-            await asyncio.to_thread(_ensure_dispatcher, self.settings)
+            return
+        keeper = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service.engines.ray_keeper",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert keeper.stdin is not None and keeper.stdout is not None
+        try:
+            # stdin stays open: the keeper stops when it closes, with this process.
+            keeper.stdin.write(json.dumps(keeper_spec(self.settings)).encode() + b"\n")
+            await keeper.stdin.drain()
+            line = await asyncio.wait_for(keeper.stdout.readline(), KEEPER_START_TIMEOUT_S)
+            answer = json.loads(line) if line else {}
+        except BaseException:
+            await _stop_process(keeper)
+            raise
+        if "error" in answer or not line:
+            await _stop_process(keeper)
+            raise RuntimeError(answer.get("error") or f"Ray's keeper exited ({keeper.returncode})")
+        self._keeper = keeper
+        self.dashboard = answer.get("dashboard")
 
     async def _disconnect(self) -> None:
-        if self._owns_ray:
-            import ray
-
-            # A local Ray stops with its gateway, dispatcher and running jobs included;
-            # their entries stay pending and run again once Ray is back.
-            await asyncio.to_thread(ray.shutdown)
-            if self._temp_dir:
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
+        # A local Ray stops with its keeper, dispatcher and running jobs included; their
+        # entries stay pending and run again once Ray is back.
+        if self._keeper is not None:
+            await _stop_process(self._keeper)
+            self._keeper = None
 
     # the dispatcher's side ----------------------------------------------------------------
 
@@ -259,17 +285,15 @@ class RayEngine(ClusterEngine):
             ray.cancel(handle, force=running, recursive=True)
 
 
-def _ensure_dispatcher(settings: Settings, answer: bool = False) -> Any:
-    from service.engines.ray_dispatcher import ANSWER_TIMEOUT_S, START_TIMEOUT_S, ensure_dispatcher
-
-    return ensure_dispatcher(settings, ANSWER_TIMEOUT_S if answer else START_TIMEOUT_S)
-
-
-def _ray_initialized() -> bool:
-    import sys
-
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
+async def _stop_process(proc: asyncio.subprocess.Process) -> None:
+    """Ask a child to stop (SIGTERM), then kill it if it lingers."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), KEEPER_STOP_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def ray_banner(engines: EngineSettings) -> str:
