@@ -6,9 +6,10 @@ running Ray job. So gateways only store jobs and add them to Ray's streams, and 
 detached actor per Redis (named after its URL) reads those streams with a
 ``HeavyDispatcher`` and launches each job as a Ray task it owns. The actor lives as long
 as the cluster; the runner inside each task writes the outcome to Redis; the actor
-acknowledges the entry. A gateway starts the actor, or finds it, with the first Ray job,
-and hands it its settings again now and then: the newest gateway's settings (task
-modules, Redis URL) win, and an actor lost with its node is started again.
+acknowledges the entry. A gateway (through its Ray keeper, ``ray_keeper.py``) starts the
+actor, or finds it, with the first Ray job, and hands it its settings again every few
+seconds: the actor serves the task modules of every gateway, and an actor lost with its
+node is started again.
 
 Redelivery stays corefleet's: if the actor dies, its unacknowledged entries are claimed by
 its successor after the lease. An actor running another corefleet version than the gateway
