@@ -281,28 +281,41 @@ async def test_a_task_the_cluster_cannot_import_fails_the_job(
     assert other["state"] == "succeeded", other
 
 
+def _gateway_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a gateway process on a free port, with the session's settings."""
+    return env_with(
+        COREFLEET_REDIS_URL=settings.redis,
+        COREFLEET_PORT=str(free_port()),
+        COREFLEET_TASK_MODULES=",".join(settings.task_modules),
+        **extra,
+    )
+
+
+async def _started(
+    session: aiohttp.ClientSession, url: str, redis: aioredis.Redis, task: str
+) -> str:
+    """Submit a gated test task; its id once it runs (the gate waits for a release)."""
+    async with session.post(url + "/v1/jobs", json={"task": task}) as resp:
+        assert resp.status == 202
+        job_id = str((await resp.json())["id"])
+    assert await redis.blpop([f"test:started:{job_id}"], timeout=60) is not None
+    return job_id
+
+
 async def test_a_running_ray_job_keeps_its_result_through_a_gateway_crash(
     settings: Settings, redis: aioredis.Redis, local_ray: str
 ) -> None:
     """kill -9 of the gateway that took a Ray job: the job runs on inside Ray, its result
     reaches Redis with no gateway up, it ran once, and a new gateway serves it."""
 
-    port = free_port()
-    env = env_with(
-        COREFLEET_REDIS_URL=settings.redis,
-        COREFLEET_PORT=str(port),
-        COREFLEET_IO_LEASE_S=str(settings.io.lease_s),
-        COREFLEET_TASK_MODULES=",".join(settings.task_modules),
-        COREFLEET_RAY_ADDRESS=local_ray,
+    env = _gateway_env(
+        settings, COREFLEET_IO_LEASE_S=str(settings.io.lease_s), COREFLEET_RAY_ADDRESS=local_ray
     )
     first, url = await asyncio.to_thread(gateway_process, env)
     second: Proc | None = None
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(url + "/v1/jobs", json={"task": "test.ray_gate"}) as resp:
-                assert resp.status == 202
-                job_id = (await resp.json())["id"]
-            assert await redis.blpop([f"test:started:{job_id}"], timeout=60) is not None
+            job_id = await _started(session, url, redis, "test.ray_gate")
             first.kill()
             await redis.rpush(f"test:release:{job_id}", "go")
             assert await wait_state(redis, job_id, "succeeded", "failed", "dead") == "succeeded"
@@ -365,10 +378,8 @@ async def test_a_ray_cluster_that_dies_leaves_the_gateway_serving(
     head = await asyncio.to_thread(_ray_head, port, temp_dir)
     gateway: Proc | None = None
     try:
-        env = env_with(
-            COREFLEET_REDIS_URL=settings.redis,
-            COREFLEET_PORT=str(free_port()),
-            COREFLEET_TASK_MODULES=",".join(settings.task_modules),
+        env = _gateway_env(
+            settings,
             COREFLEET_RAY_ADDRESS=f"127.0.0.1:{port}",
             # Ray ends its connected processes this long after the head is gone (60 s
             # unless set).
@@ -431,22 +442,12 @@ async def test_a_running_dask_job_runs_once_through_a_gateway_crash(
     """kill -9 of the gateway that took a Dask job: the scheduler keeps the task, and the
     next gateway, taking the job over, waits for that very task instead of starting the
     job again. The job succeeds after one attempt."""
-    port = free_port()
-    env = env_with(
-        COREFLEET_REDIS_URL=settings.redis,
-        COREFLEET_PORT=str(port),
-        COREFLEET_IO_LEASE_S="2",
-        COREFLEET_TASK_MODULES=",".join(settings.task_modules),
-        COREFLEET_DASK_ADDRESS=dask_scheduler,
-    )
+    env = _gateway_env(settings, COREFLEET_IO_LEASE_S="2", COREFLEET_DASK_ADDRESS=dask_scheduler)
     first, url = await asyncio.to_thread(gateway_process, env)
     second: Proc | None = None
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.post(url + "/v1/jobs", json={"task": "test.dask_gate"}) as resp:
-                assert resp.status == 202
-                job_id = (await resp.json())["id"]
-            assert await redis.blpop([f"test:started:{job_id}"], timeout=60) is not None
+            job_id = await _started(session, url, redis, "test.dask_gate")
             first.kill()
             # The scheduler keeps the running task, wanted by nobody but itself...
             await _until_dask_wants(

@@ -325,10 +325,6 @@ class ClusterEngine:
         except (RedisError, OSError) as exc:  # the next (re)subscription checks again
             log.warning("could not re-check started jobs (%s)", exc)
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     async def ensure_started(self) -> None:
         """Start the local cluster or connect to the configured one, once."""
         if self.connected:

@@ -2,8 +2,8 @@
 
 Ray starts on first use: ``COREFLEET_RAY_ADDRESS`` names an existing cluster, otherwise a
 local one starts (``address="local"``, its own temp dir, dashboard only when asked).
-``ray.init`` blocks, so it runs in a thread; ``import ray`` happens only there and in the
-worker processes.
+``import ray`` happens only in the processes that are connected to Ray: Ray's keeper, the
+dispatcher actor and the worker processes; never in the gateway.
 
 The engine has two sides. In the gateway it queues Ray jobs and, once a Ray stream holds a
 job, starts Ray's keeper (``ray_keeper.py``): the child process that starts or connects to
@@ -56,9 +56,6 @@ IDLE_WORKER_KEEP_MS = 60_000
 #: Ray task flavours (task and resources) a dispatcher keeps ready; ``.options()`` costs
 #: about as much as the submit itself.
 MAX_FLAVOURS = 256
-#: How often Ray's keeper hands Ray's dispatcher its settings again (and so restarts a lost
-#: one): a dead actor means Ray jobs wait at most this long, plus the lease.
-KEEP_DISPATCHER_S = 5.0
 #: How long Ray's keeper may take to start Ray and its dispatcher.
 KEEPER_START_TIMEOUT_S = 180.0
 #: How long Ray's keeper may take to stop a local Ray before it is killed.
@@ -140,7 +137,6 @@ class RayEngine(ClusterEngine):
         #: True inside the dispatcher actor, where Ray is this process's own.
         self.in_cluster = in_cluster
         self._remote: Any = None
-        self._base_options: dict[str, Any] = {}
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._keeper: asyncio.subprocess.Process | None = None
 
@@ -243,13 +239,7 @@ class RayEngine(ClusterEngine):
         import ray
 
         self.config = config
-        # Redelivery is corefleet's (the stream and the attempt count), not Ray's. So is the
-        # record of each job: Ray's own (task events) is off unless asked for.
         self._remote = ray.remote(ray_task_for(config))
-        self._base_options = {
-            "max_retries": 0,
-            "enable_task_events": self.settings.engines.ray_task_events,
-        }
         self._flavours.clear()
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
@@ -259,9 +249,14 @@ class RayEngine(ClusterEngine):
         if remote is None:
             if len(self._flavours) >= MAX_FLAVOURS:
                 self._flavours.clear()
-            # Named after the task, so Ray's dashboard and logs say what runs.
+            # Named after the task, so Ray's dashboard and logs say what runs. Redelivery is
+            # corefleet's (the stream and the attempt count), not Ray's; so is the record
+            # of each job: Ray's own (task events) is off unless asked for.
             remote = self._flavours[flavour] = self._remote.options(
-                name=job.task, **self._base_options, **options
+                name=job.task,
+                max_retries=0,
+                enable_task_events=self.settings.engines.ray_task_events,
+                **options,
             )
         return remote.remote(job.id)
 

@@ -30,6 +30,10 @@ from service.settings import EngineSettings, IoWorkerSettings, Settings
 
 log = logging.getLogger("corefleet.ray")
 
+#: How often the keeper hands Ray's dispatcher its settings again (and so restarts a lost
+#: one): a dead actor means Ray jobs wait at most this long, plus the lease.
+KEEP_DISPATCHER_S = 5.0
+
 
 def keeper_spec(settings: Settings) -> dict[str, Any]:
     """What the keeper needs of the gateway's settings: what Ray's dispatcher is served."""
@@ -77,7 +81,7 @@ def _answer(channel: Any, message: dict[str, Any]) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from service.engines.ray_ import KEEP_DISPATCHER_S, start_ray
+    from service.engines.ray_ import start_ray
     from service.engines.ray_dispatcher import (
         ANSWER_TIMEOUT_S,
         START_TIMEOUT_S,
