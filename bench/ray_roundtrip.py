@@ -3,13 +3,15 @@
 corefleet: ``POST /v1/jobs?wait=`` for ``bench.heavy_noop`` (submit and result in one
 request; compared with the target), and ``POST`` then ``GET /v1/jobs/{id}?wait=`` (two
 requests), one job at a time on a keep-alive connection, against a gateway subprocess with
-its own local Ray (2 CPUs). Bare: ``ray.get(f.remote())`` for a no-op function, one at a
+its own local Ray (2 CPUs); for comparison, ``bench.io_noop`` through the same gateway (its
+embedded io worker): corefleet's own path (HTTP, the store, a stream, the runner's two
+writes, the event back) without Ray. Bare: ``ray.get(f.remote())`` for a no-op function, one at a
 time, from this process on its own local Ray (2 CPUs): with Ray's defaults (the target's
 baseline), and with task events off (``enable_task_events=False``), as corefleet launches
 its runner tasks. The bare Ray starts after the gateway has stopped, so the two never
 share the machine.
 
-The two corefleet variants take turns in blocks of ``--block`` round trips, so a slower or
+The corefleet variants take turns in blocks of ``--block`` round trips, so a slower or
 faster spell of the machine falls on both alike; the two bare variants run one after the
 other. Each system gets the same warm-up first (long enough for Ray to grow its worker
 pool); medians are compared.
@@ -35,6 +37,7 @@ TARGET = 2.0  # corefleet / bare, at most
 
 ONE_TRIP = "corefleet (POST ?wait)"
 TWO_TRIPS = "corefleet (POST, GET ?wait)"
+IO_TRIP = "corefleet io no-op, no Ray (POST ?wait)"
 BARE = "bare ray.get(f.remote())"
 BARE_NO_EVENTS = "bare, task events off"
 
@@ -77,6 +80,7 @@ def _corefleet(args: argparse.Namespace) -> dict[str, list[float]]:
                 systems: dict[str, Callable[[], object]] = {
                     ONE_TRIP: lambda: client.run_in_one_trip("bench.heavy_noop"),
                     TWO_TRIPS: lambda: client.run("bench.heavy_noop"),
+                    IO_TRIP: lambda: client.run_in_one_trip("bench.io_noop"),
                 }
                 return _measure(systems, args.n, args.warmup, args.block)
             finally:
@@ -133,9 +137,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mark = "meets" if ratio <= TARGET else "ABOVE"
     two = summary[TWO_TRIPS]["median_ms"] / summary[BARE]["median_ms"]
     quiet = summary[ONE_TRIP]["median_ms"] / summary[BARE_NO_EVENTS]["median_ms"]
+    plumbing = summary[IO_TRIP]["median_ms"] / summary[BARE]["median_ms"]
     print(
         f"corefleet / bare: {ratio:.2f} ({mark} target <= {TARGET:g}); with two requests: "
         f"{two:.2f}; against bare with task events off too: {quiet:.2f}"
+    )
+    print(
+        f"corefleet's own path without Ray (an io no-op through the same gateway) / bare Ray: "
+        f"{plumbing:.2f}"
     )
     return {
         "machine": info,
@@ -144,5 +153,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio": ratio,
         "ratio_two_requests": two,
         "ratio_vs_bare_without_task_events": quiet,
+        "io_noop_vs_bare": plumbing,
         "target": TARGET,
     }
