@@ -18,7 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import keys
+from service import ids, keys
 from service.batching import Batcher
 from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
 
@@ -93,23 +93,27 @@ class JobStore:
 
     async def begin(self, job_id: str, worker: str) -> Begun:
         """Count an attempt and mark the job running, unless it must not run."""
-        lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
         reply = await self.batch.script(
-            "begin",
-            [keys.job(job_id)],
-            [
-                job_id,
-                now_iso(),
-                worker,
-                self.job_ttl_s,
-                keys.EVENTS,
-                json.dumps(lost.to_json()),
-            ],
+            "begin", [keys.job(job_id)], self._begin_args(job_id, worker)
         )
         if reply[0] != "run":
             return Begun(None, reply[1] if len(reply) > 1 else reply[0])
         flat = reply[1:]
         return Begun(Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
+
+    def _begin_args(self, job_id: str, worker: str) -> list[Any]:
+        lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
+        return [
+            job_id,
+            now_iso(),
+            worker,
+            self.job_ttl_s,
+            keys.EVENTS,
+            json.dumps(lost.to_json()),
+            # The attempt's own id: the client sends a call again when its connection
+            # drops, even if Redis ran it, and the script must not count that twice.
+            ids.new_id(),
+        ]
 
     async def transition(
         self, job_id: str, to: JobState, fields: dict[str, str] | None = None

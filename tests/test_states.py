@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from service import ids, keys
 from service.events import EventHub
 from service.jobs import ALLOWED_FROM, TERMINAL, Job, JobState, now_iso
-from service.store import JobStore
+from service.store import Dispatch, JobStore
 
 PAIRS = list(itertools.product(JobState, JobState))
 
@@ -152,3 +152,38 @@ async def test_a_watch_gets_the_finished_record_with_the_event(store: JobStore) 
     assert changed.state == "succeeded"
     assert changed.record == await store.redis.hgetall(keys.job(job_id))
     assert changed.record is not None and Job.from_hash(changed.record).result == 42
+
+
+# A client sends a call again when its connection drops, even after Redis ran it: each
+# script must then change nothing the first sending did not.
+
+
+async def test_a_create_sent_twice_stores_and_queues_the_job_once(store: JobStore) -> None:
+    """The second sending of a create neither resets a job already begun nor queues it
+    again."""
+    job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io")
+    stream = keys.stream(f"replay-{job.id}")
+
+    def dispatch(j: Job) -> Dispatch:
+        return Dispatch("xadd", stream, j.id)
+
+    await store.create([job], dispatch)
+    assert (await store.begin(job.id, "w1")).job is not None
+    await store.create([job], dispatch)  # the same call, sent again
+    again = await store.get(job.id)
+    assert again is not None and again.state is JobState.RUNNING and again.attempts == 1
+    assert await store.redis.xlen(stream) == 1
+
+
+async def test_a_begin_sent_twice_counts_one_attempt(store: JobStore) -> None:
+    """The second sending of a begin finds its own attempt running: it neither counts a
+    second attempt nor, on a job's last one, sends the job to the dead letter."""
+    job_id = await _job_in(store, JobState.QUEUED, max_attempts=1)
+    call = store._begin_args(job_id, "w1")
+    first = await store.batch.script("begin", [keys.job(job_id)], call)
+    again = await store.batch.script("begin", [keys.job(job_id)], call)
+    assert first[0] == again[0] == "run"
+    job = await store.get(job_id)
+    assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
+    # A begin of another attempt (a redelivery) is counted, as before.
+    assert (await store.begin(job_id, "w2")).reason == "dead"

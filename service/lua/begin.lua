@@ -3,12 +3,20 @@
 -- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
 -- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
 -- ARGV[6]  error JSON written when the job has no attempt left
+-- ARGV[7]  this attempt's id, new for every call: the same call sent again (the client
+--          retries when a connection drops, even after Redis ran the script) finds its
+--          own attempt running and gets the record back without counting it twice
 -- Returns {"missing"}, {"skip", state} for a job that must not run (finished or
 -- cancelled), {"dead"} when a redelivered job is out of attempts, or
 -- {"run", field, value, ...} with the whole record after the update.
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return {'missing'}
+end
+if current == 'running' and redis.call('HGET', KEYS[1], 'attempt_id') == ARGV[7] then
+  local out = redis.call('HGETALL', KEYS[1])
+  table.insert(out, 1, 'run')
+  return out
 end
 if current ~= 'queued' and current ~= 'retrying' and current ~= 'running' then
   return {'skip', current}
@@ -23,7 +31,8 @@ if attempts > max_attempts then
   redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'dead', from = current}))
   return {'dead'}
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
+           'attempt_id', ARGV[7])
 redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'running', from = current}))
 local out = redis.call('HGETALL', KEYS[1])
 table.insert(out, 1, 'run')

@@ -6,27 +6,32 @@
 --     so that it need not read the record first
 --   op "lpush": push value (a Celery message) onto the list
 -- The caller has checked every job, so no command here can fail half-way.
+-- A job whose hash exists already is left alone: ids are new per submit, so that is this
+-- very call sent again (the client retries when a connection drops, even after Redis ran
+-- the script), and writing it twice would reset a job already begun and queue it twice.
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
 local a = 1
 for k = 1, #KEYS, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local fields = {}
-  for i = a + 3, a + 2 + 2 * n do fields[#fields + 1] = ARGV[i] end
-  redis.call('HSET', KEYS[k], unpack(fields))
-  if op == 'xadd' then
-    redis.call('XADD', KEYS[k + 1], '*', 'id', value)
-  elseif op == 'xadd-job' then
-    local entry = {'id', value}
-    for i = 1, #fields, 2 do
-      if launch_fields[fields[i]] then
-        entry[#entry + 1] = fields[i]
-        entry[#entry + 1] = fields[i + 1]
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    local fields = {}
+    for i = a + 3, a + 2 + 2 * n do fields[#fields + 1] = ARGV[i] end
+    redis.call('HSET', KEYS[k], unpack(fields))
+    if op == 'xadd' then
+      redis.call('XADD', KEYS[k + 1], '*', 'id', value)
+    elseif op == 'xadd-job' then
+      local entry = {'id', value}
+      for i = 1, #fields, 2 do
+        if launch_fields[fields[i]] then
+          entry[#entry + 1] = fields[i]
+          entry[#entry + 1] = fields[i + 1]
+        end
       end
+      redis.call('XADD', KEYS[k + 1], '*', unpack(entry))
+    else
+      redis.call('LPUSH', KEYS[k + 1], value)
     end
-    redis.call('XADD', KEYS[k + 1], '*', unpack(entry))
-  else
-    redis.call('LPUSH', KEYS[k + 1], value)
   end
   a = a + 3 + 2 * n
 end
