@@ -114,6 +114,13 @@ class EngineUnavailable(CorefleetError):
     code = "engine_unavailable"
 
 
+class StoreUnavailable(CorefleetError):
+    """Redis, where every job lives, does not answer."""
+
+    status = 503
+    code = "store_unavailable"
+
+
 class ClientError(CorefleetError):
     """Raised on the client side only."""
 

@@ -7,12 +7,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import CorefleetError, MethodNotAllowed, NotFound, PayloadTooLarge
+from service.errors import (
+    CorefleetError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("corefleet.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: What a 503 for an unreachable store asks clients to wait before they try again (s).
+STORE_RETRY_AFTER_S = 5
 
 
 def error_response(error: CorefleetError) -> web.Response:
@@ -36,6 +47,17 @@ async def _guarded(
         return await handler(request)
     except CorefleetError as exc:
         return error_response(exc)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Only after the client's own retries (a restart is ridden out): Redis is away.
+        log.warning("%s %s: Redis does not answer (%s)", request.method, request.path, exc)
+        response = error_response(
+            StoreUnavailable(
+                f"the job store (Redis) does not answer: {exc}; try again shortly",
+                {"retry_after_s": STORE_RETRY_AFTER_S},
+            )
+        )
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+        return response
     except web.HTTPRequestEntityTooLarge:
         limit = max_body_bytes
         return error_response(

@@ -21,7 +21,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         409: "Conflict",
         413: "Body too large",
-        503: "Engine unavailable",
+        503: "An engine or the job store (Redis) is unavailable",
     }
     return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
 
@@ -171,12 +171,18 @@ def openapi_document() -> dict[str, Any]:
                             "schema": {"type": "number", "minimum": 0},
                         },
                     ],
-                    "responses": {"200": _json(_ref("Job"), "The record"), **_errors(400, 404)},
+                    "responses": {
+                        "200": _json(_ref("Job"), "The record"),
+                        **_errors(400, 404, 503),
+                    },
                 },
                 "delete": {
                     "summary": "Cancel a job",
                     "parameters": [_JOB_ID],
-                    "responses": {"200": _json(_ref("Job"), "Cancelled"), **_errors(400, 404, 409)},
+                    "responses": {
+                        "200": _json(_ref("Job"), "Cancelled"),
+                        **_errors(400, 404, 409, 503),
+                    },
                 },
             },
             "/v1/jobs/{id}/events": {
@@ -188,7 +194,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "An event stream",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
-                        **_errors(400, 404),
+                        **_errors(400, 404, 503),
                     },
                 }
             },
@@ -201,7 +207,7 @@ def openapi_document() -> dict[str, Any]:
             "/v1/queues": {
                 "get": {
                     "summary": "Engines, queues and workers",
-                    "responses": {"200": _json(_OBJECT, "Per engine")},
+                    "responses": {"200": _json(_OBJECT, "Per engine"), **_errors(503)},
                 }
             },
             "/healthz": {

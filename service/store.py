@@ -25,12 +25,25 @@ from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
 LUA_DIR = Path(__file__).parent / "lua"
 
 
-def connect(url: str) -> aioredis.Redis:
-    """An asyncio Redis client that rides out a Redis restart by retrying with backoff."""
+#: How often a call is sent again while Redis does not answer: with the backoff below (0.1 s,
+#: doubling up to 1 s) about 5 s in all, which covers a restart and is as long as an HTTP
+#: client should wait before it is told that the store is unavailable.
+RETRIES = 8
+
+
+def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
+    """An asyncio Redis client that rides out a Redis restart by retrying with backoff.
+
+    ``until_answered``: retry for as long as Redis is away. For the job runner in a worker
+    process, which can do nothing else without Redis, and whose job would be lost if it
+    gave up: Celery has acknowledged its message by then.
+    """
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
+        retry=Retry(
+            ExponentialBackoff(cap=1.0, base=0.05), retries=-1 if until_answered else RETRIES
+        ),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 

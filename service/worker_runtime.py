@@ -66,8 +66,11 @@ def _new_runtime(config: WorkerConfig, engine: str) -> _Runtime:
             return False
 
     async def build() -> Any:
-        # One job at a time per process and thread: nothing to group.
-        store = JobStore(connect(config.redis_url), config.job_ttl_s, group_commit=False)
+        # One job at a time per process and thread: nothing to group. A Redis that is away
+        # is waited for: the job cannot go on without it, and nothing runs it again if
+        # its runner gives up.
+        redis = connect(config.redis_url, until_answered=True)
+        store = JobStore(redis, config.job_ttl_s, group_commit=False)
         worker_id = f"{engine}-{socket.gethostname()}-{os.getpid()}"
         registry = Registry.load_available(config.task_modules)
         return JobRunner(store, registry, worker_id, inline_sync=True, is_cancelled=is_cancelled)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import ids, keys
 from service.jobs import Job
 from service.settings import Settings
 from service.store import Dispatch, JobStore, connect
-from tests.conftest import Gateway, wait_state
+from service.worker_runtime import WorkerConfig, run_job_here
+from tests.conftest import Gateway, start_gateway, wait_state
 from tests.procs import Proc, RedisServer, env_with, free_port, gateway_process
 
 
@@ -83,3 +87,62 @@ async def test_a_worker_process_store_rides_out_a_redis_restart(
     begun = await store.begin(job.id, "worker-1")  # the first call after the restart
     assert begun.job is not None and begun.job.attempts == 1  # the test Redis keeps data
     await store.redis.aclose()
+
+
+async def test_an_unreachable_store_gets_a_503_and_changes_nothing(settings: Settings) -> None:
+    """With Redis away past the client's retries, requests get a JSON 503 that says so and
+    when to try again (no 500, no traceback), and nothing is half-written: once Redis is
+    back the gateway serves again and holds exactly the jobs accepted before."""
+    own = RedisServer()  # this test's own: the session's Redis stays up for the others
+    own.start()
+    store_settings = replace(settings, redis_url=own.url, task_modules=())
+    server, session = await start_gateway(
+        replace(store_settings, gateway=replace(store_settings.gateway, embedded_io_worker=False))
+    )
+    gateway = Gateway(server, session)
+    try:
+        accepted = await gateway.submit("io.echo", 1)
+        own.stop()
+        status, body = await gateway.call("POST", "/v1/jobs", json={"task": "io.echo", "args": [2]})
+        assert status == 503 and body["error"]["code"] == "store_unavailable", body
+        assert "Redis" in body["error"]["message"]
+        async with session.get(f"{gateway.url}/v1/jobs/{accepted['id']}") as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"].isdigit()
+        own.start()
+        status, job = await gateway.call("GET", f"/v1/jobs/{accepted['id']}")
+        assert status == 200 and job["state"] == "queued"
+        check = aioredis.Redis.from_url(own.url, decode_responses=True)
+        assert [key async for key in check.scan_iter(keys.job("*"))] == [keys.job(job["id"])]
+        await check.aclose()
+    finally:
+        await session.close()
+        await server.close()
+        own.stop()
+
+
+async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
+    """The store of a Celery, Ray or Dask worker's job runner keeps trying after a request
+    would have given up: a job Celery already handed over is not dropped by an outage."""
+    own = RedisServer()
+    own.start()
+    config = WorkerConfig(own.url, 60, ())
+    request = connect(own.url)  # what the gateway uses: gives up after some retries
+    store = JobStore(request, 60)
+    job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io", args=["x"])
+    await store.create([job], lambda j: Dispatch("xadd", keys.stream(j.queue), j.id))
+    own.stop()
+    try:
+        running = asyncio.create_task(asyncio.to_thread(run_job_here, config, job.id, "test"))
+        # Two requests give up one after the other meanwhile: the runner, started first, has
+        # been without Redis for longer than a request's retries, twice over.
+        for _ in range(2):
+            with pytest.raises(RedisConnectionError):
+                await store.get(job.id)
+        assert not running.done(), running.result()
+        own.start()
+        assert await asyncio.wait_for(running, 30) == "succeeded"
+        record = await store.get(job.id)
+        assert record is not None and record.result == "x" and record.attempts == 1
+    finally:
+        await request.aclose()
+        own.stop()
