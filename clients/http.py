@@ -22,6 +22,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 _WAIT_STEP_S = 30.0
 
 
+def _once(idempotency_key: str | None) -> dict[str, str]:
+    return {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+
+
 def _submit_body(
     task: str, args: tuple[Any, ...], kwargs: dict[str, Any] | None, options: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -94,14 +98,19 @@ class AsyncClient:
             self._session = None
 
     async def _request(
-        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession()
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout)
         try:
             async with self._session.request(
-                method, self.base_url + path, json=body, timeout=timeout
+                method, self.base_url + path, json=body, timeout=timeout, headers=headers
             ) as resp:
                 return _decode(resp.status, await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -113,10 +122,12 @@ class AsyncClient:
         *args: Any,
         kwargs: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        return _job(
-            await self._request("POST", "/v1/jobs", _submit_body(task, args, kwargs, options))
-        )
+        """Submit one job. ``idempotency_key``: the same call made again with it (say, after
+        a transport error) creates no second job and returns the one the key stands for."""
+        body = _submit_body(task, args, kwargs, options)
+        return _job(await self._request("POST", "/v1/jobs", body, headers=_once(idempotency_key)))
 
     async def get(self, job_id: str) -> Job:
         return _job(await self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
@@ -174,10 +185,17 @@ class Client:
         return self._conn
 
     def _request(
-        self, method: str, path: str, body: Any = None, timeout_s: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = dict(headers or {})
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         prefix = self._parts.path.rstrip("/")
         for attempt in (1, 2):  # once more on a kept-alive socket the server had closed
             conn = self._connection(timeout_s or self._timeout)
@@ -200,8 +218,11 @@ class Client:
         *args: Any,
         kwargs: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        return _job(self._request("POST", "/v1/jobs", _submit_body(task, args, kwargs, options)))
+        """Submit one job; ``idempotency_key`` as in ``AsyncClient.submit``."""
+        body = _submit_body(task, args, kwargs, options)
+        return _job(self._request("POST", "/v1/jobs", body, headers=_once(idempotency_key)))
 
     def get(self, job_id: str) -> Job:
         return _job(self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))

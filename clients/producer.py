@@ -31,7 +31,11 @@ class AsyncProducer:
         base = settings or Settings.from_env()
         self.settings = base.with_redis(redis_url)
         self.redis = connect(redis_url)
-        store = JobStore(self.redis, self.settings.job_ttl_s)
+        store = JobStore(
+            self.redis,
+            self.settings.job_ttl_s,
+            idempotency_ttl_s=self.settings.idempotency_ttl_s,
+        )
         registry = Registry.load(tuple(task_modules) or self.settings.task_modules)
         self._submitter = Submitter(store, registry, build_engines(self.redis, self.settings))
 
@@ -50,10 +54,15 @@ class AsyncProducer:
         *args: Any,
         kwargs: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Store and queue one job; raises the gateway's errors for a bad call."""
+        """Store and queue one job; raises the gateway's errors for a bad call.
+
+        ``idempotency_key``: the same call made again with it (say, after an error) stores
+        nothing and returns the job the key already stands for.
+        """
         body = {"task": task, "args": list(args), "kwargs": kwargs or {}, "options": options or {}}
-        return await self._submitter.submit(body)
+        return await self._submitter.submit(body, idempotency_key)
 
     async def get(self, job_id: str) -> Job | None:
         return await self._submitter.store.get(job_id)
@@ -85,9 +94,12 @@ class Producer:
         *args: Any,
         kwargs: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
         return self._loop.run_until_complete(
-            self._inner.submit(task, *args, kwargs=kwargs, options=options)
+            self._inner.submit(
+                task, *args, kwargs=kwargs, options=options, idempotency_key=idempotency_key
+            )
         )
 
     def get(self, job_id: str) -> Job | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -88,7 +89,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect(settings.redis)
     app[REDIS] = redis
-    app[STORE] = JobStore(redis, settings.job_ttl_s)
+    app[STORE] = JobStore(redis, settings.job_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s)
     app[HUB] = EventHub(redis)
     await app[HUB].start()
     yield
@@ -172,6 +173,23 @@ def _job_json(job: Job, status: int = 200) -> web.Response:
     return web.json_response(job.to_api(), status=status)
 
 
+#: The header that makes a submit safe to send again, and the one that marks the answer to
+#: a submit sent again.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not _IDEMPOTENCY_KEY_RE.match(key):
+        raise InvalidParameter(
+            f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters",
+            {"header": IDEMPOTENCY_HEADER},
+        )
+    return key
+
+
 def _wait_seconds(request: web.Request) -> float:
     raw = request.query.get("wait")
     if raw is None:
@@ -197,23 +215,40 @@ async def submit_job(request: web.Request) -> web.Response:
 
     With ``?wait=S`` the request is held until the job is terminal (200 with the finished
     record) or S pass (202 with the record as it is then): submit and result in one trip.
+
+    With an ``Idempotency-Key`` header, the same request sent again (say, after a lost
+    answer) stores nothing and is answered with the job the key already stands for, marked
+    ``Idempotent-Replayed: true``; the key with a different request is a 409.
     """
     wait = _wait_seconds(request)
+    key = _idempotency_key(request)
     submitter = request.app[SUBMITTER]
     job = submitter.prepare(await _json_body(request))
     if wait > 0:
         with request.app[HUB].watch(job.id) as changed:  # watch before it can finish
-            await submitter.enqueue([job])
-            job = await _wait_watched(request.app, job.id, changed, wait, known=job) or job
+            earlier = await submitter.enqueue([job], key)
+            if earlier is None:
+                job = await _wait_watched(request.app, job.id, changed, wait, known=job) or job
     else:
-        await submitter.enqueue([job])
+        earlier = await submitter.enqueue([job], key)
+    if earlier is not None:
+        job = earlier
+        if wait > 0 and not job.state.terminal:
+            job = await _wait_terminal(request.app, job.id, wait) or job
     response = _job_json(job, status=200 if job.state.terminal else 202)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if earlier is not None:
+        response.headers[REPLAYED_HEADER] = "true"
     return response
 
 
 async def submit_batch(request: web.Request) -> web.Response:
     """Submit many jobs in one request; all are accepted or none is."""
+    if IDEMPOTENCY_HEADER in request.headers:
+        raise InvalidParameter(
+            f"{IDEMPOTENCY_HEADER} is taken by POST /v1/jobs (one job), not by a batch",
+            {"header": IDEMPOTENCY_HEADER},
+        )
     body = await _json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
         raise InvalidBody('the body must be {"jobs": [job, ...]}')

@@ -94,6 +94,12 @@ class Conflict(CorefleetError):
     code = "conflict"
 
 
+class IdempotencyKeyReused(Conflict):
+    """The Idempotency-Key already stands for a different job."""
+
+    code = "idempotency_key_reused"
+
+
 class JobFinished(Conflict):
     """The job already finished, so it cannot be cancelled."""
 

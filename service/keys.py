@@ -1,5 +1,7 @@
 """Every Redis key and channel corefleet uses, in one place."""
 
+import hashlib
+
 PREFIX = "cf:"
 
 #: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``.
@@ -13,6 +15,12 @@ IO_GROUP = "corefleet-io"
 def job(job_id: str) -> str:
     """The hash that holds one job's record."""
     return f"{PREFIX}job:{job_id}"
+
+
+def idempotency(key: str) -> str:
+    """The job id (and request fingerprint) an ``Idempotency-Key`` stands for; hashed, so
+    that any key a client sends makes a tidy Redis key."""
+    return f"{PREFIX}idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def stream(queue: str) -> str:

@@ -130,13 +130,22 @@ def openapi_document() -> dict[str, Any]:
                             "in": "query",
                             "required": False,
                             "schema": {"type": "number", "minimum": 0},
-                        }
+                        },
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "description": "The same request sent again with this key stores "
+                            "nothing and answers with the job the key stands for (marked "
+                            "Idempotent-Replayed: true); another request with it is a 409",
+                            "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                        },
                     ],
                     "requestBody": body,
                     "responses": {
                         "200": _json(_ref("Job"), "Finished within ?wait"),
                         "202": _json(_ref("Job"), "Stored and queued"),
-                        **_errors(400, 404, 413, 503),
+                        **_errors(400, 404, 409, 413, 503),
                     },
                 }
             },

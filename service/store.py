@@ -60,6 +60,22 @@ class Dispatch:
 
 
 @dataclass(frozen=True)
+class Once:
+    """An ``Idempotency-Key`` on a submit, and the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """The job an ``Idempotency-Key`` already stood for, and its request's fingerprint."""
+
+    job: Job
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Begun:
     """What ``JobStore.begin`` found: run ``job``, or don't (``job`` is None)."""
 
@@ -69,10 +85,18 @@ class Begun:
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, job_ttl_s: int, group_commit: bool = True) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        job_ttl_s: int,
+        group_commit: bool = True,
+        idempotency_ttl_s: int = 24 * 3600,
+    ) -> None:
         """``group_commit=False`` for a process that runs one job at a time (see batching)."""
         self.redis = redis
         self.job_ttl_s = job_ttl_s
+        # A key never outlives the record of its job (kept job_ttl_s once finished).
+        self.idempotency_ttl_s = min(idempotency_ttl_s, job_ttl_s)
         self.batch = Batcher(
             redis,
             {
@@ -82,12 +106,17 @@ class JobStore:
             group=group_commit,
         )
 
-    async def create(self, jobs: list[Job], dispatch: Callable[[Job], Dispatch]) -> None:
+    async def create(
+        self, jobs: list[Job], dispatch: Callable[[Job], Dispatch], once: Once | None = None
+    ) -> Earlier | None:
         """Store new jobs and queue them, all or none, in one script call.
 
         ``dispatch`` says where each job's queue entry goes; it may refuse a job (raise)
-        before anything is written.
+        before anything is written. With ``once`` (one job): if its key already stands for
+        a job, nothing is written and that job is returned.
         """
+        if once is not None and len(jobs) != 1:
+            raise ValueError("an Idempotency-Key stands for one job")
         script_keys: list[str] = []
         args: list[Any] = []
         for job in jobs:
@@ -97,7 +126,16 @@ class JobStore:
             args += [where.op, where.value, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
-        await self.batch.script("create", script_keys, args)
+        if once is not None:
+            script_keys.append(keys.idempotency(once.key))
+            args += [jobs[0].id, once.fingerprint, self.idempotency_ttl_s, keys.job("")]
+        reply = await self.batch.script("create", script_keys, args)
+        if reply[0] != "replay":
+            return None
+        earlier = Job.from_hash(dict(zip(reply[2::2], reply[3::2], strict=True)))
+        if earlier.id == jobs[0].id:
+            return None  # this very call, sent again after its answer was lost
+        return Earlier(earlier, reply[1])
 
     async def get(self, job_id: str) -> Job | None:
         # redis-py types each command for its sync and async clients at once.

@@ -6,15 +6,23 @@ job enqueued without HTTP is checked and stored exactly like one posted to the g
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from service import ids, presence
 from service.engines.base import Engine
-from service.errors import EngineUnavailable, InvalidArguments, InvalidBody, UnknownTask
+from service.errors import (
+    EngineUnavailable,
+    IdempotencyKeyReused,
+    InvalidArguments,
+    InvalidBody,
+    UnknownTask,
+)
 from service.jobs import Job, now_iso
-from service.store import JobStore
+from service.store import JobStore, Once
 from tasks import Registry, bind_arguments
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
@@ -112,8 +120,11 @@ class Submitter:
                 {"queue": job.queue, "engine": job.engine},
             )
 
-    async def submit(self, body: Any) -> Job:
-        return (await self.submit_many([body]))[0]
+    async def submit(self, body: Any, idempotency_key: str | None = None) -> Job:
+        """Validate, store and queue one job; with ``idempotency_key``, the job that key
+        already stands for, if it does (see ``enqueue``)."""
+        job = self.prepare(body)
+        return await self.enqueue([job], idempotency_key) or job
 
     async def submit_many(self, bodies: list[Any]) -> list[Job]:
         """Validate every job first, then store and queue them all in one script call."""
@@ -121,9 +132,33 @@ class Submitter:
         await self.enqueue(jobs)
         return jobs
 
-    async def enqueue(self, jobs: list[Job]) -> None:
-        """Store and queue prepared jobs, all or none."""
+    async def enqueue(self, jobs: list[Job], idempotency_key: str | None = None) -> Job | None:
+        """Store and queue prepared jobs, all or none.
+
+        With ``idempotency_key`` (one job): if the key already stands for a job submitted
+        with the same request, nothing is stored and that job (as it is now) is returned;
+        a different request under the same key is refused with ``IdempotencyKeyReused``.
+        """
         for job in jobs:
             if job.options.get("require_worker"):
                 await self._require_worker(job)
-        await self.store.create(jobs, lambda job: self.engines[job.engine].dispatch(job))
+        once = None if idempotency_key is None else Once(idempotency_key, _fingerprint(jobs[0]))
+        earlier = await self.store.create(
+            jobs, lambda job: self.engines[job.engine].dispatch(job), once
+        )
+        if earlier is None:
+            return None
+        assert once is not None
+        if earlier.fingerprint != once.fingerprint:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {idempotency_key!r} already stands for job {earlier.job.id}, "
+                "submitted with a different request",
+                {"id": earlier.job.id},
+            )
+        return earlier.job
+
+
+def _fingerprint(job: Job) -> str:
+    """What makes two submits the same request: the task and what it is called with."""
+    request = [job.task, job.args, job.kwargs, job.options]
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()

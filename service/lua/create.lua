@@ -1,6 +1,9 @@
 -- Store new jobs and queue each one, atomically: all of them or none.
--- KEYS    per job, in order: its hash, then its queue (a stream or a list)
--- ARGV    per job, in order: op, value, n, then n field/value pairs
+-- KEYS    per job, in order: its hash, then its queue (a stream or a list); then, for a
+--         submit with an Idempotency-Key (one job), the key's record
+-- ARGV    per job, in order: op, value, n, then n field/value pairs; then, with a key:
+--         the job's id, the request's fingerprint, the key's TTL in seconds and the
+--         prefix of job hashes
 --   op "xadd": add an entry holding the job's id (value) to the stream
 --   op "xadd-job": the same, plus the fields a cluster dispatcher launches the job with,
 --     so that it need not read the record first
@@ -9,10 +12,28 @@
 -- A job whose hash exists already is left alone: ids are new per submit, so that is this
 -- very call sent again (the client retries when a connection drops, even after Redis ran
 -- the script), and writing it twice would reset a job already begun and queue it twice.
+-- Returns {"created"}, or {"replay", fingerprint, field, value, ...} with the record of
+-- the job the Idempotency-Key already stands for, when that job still exists: then
+-- nothing is written.
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
+local jobs = math.floor(#KEYS / 2)
+local once = #KEYS % 2 == 1 and KEYS[#KEYS] or nil
+local tail = #ARGV - 3  -- where the key's arguments start, when there is a key
+if once then
+  local held = redis.call('GET', once)
+  if held then
+    local id, fingerprint = string.match(held, '^(%S+) (%S+)$')
+    local record = id and redis.call('HGETALL', ARGV[tail + 3] .. id) or {}
+    if #record > 0 then
+      table.insert(record, 1, fingerprint)
+      table.insert(record, 1, 'replay')
+      return record
+    end
+  end
+end
 local a = 1
-for k = 1, #KEYS, 2 do
+for k = 1, 2 * jobs, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   if redis.call('EXISTS', KEYS[k]) == 0 then
     local fields = {}
@@ -35,4 +56,7 @@ for k = 1, #KEYS, 2 do
   end
   a = a + 3 + 2 * n
 end
-return #KEYS / 2
+if once then
+  redis.call('SET', once, ARGV[tail] .. ' ' .. ARGV[tail + 1], 'EX', tonumber(ARGV[tail + 2]))
+end
+return {'created'}
