@@ -38,7 +38,7 @@ from service.middleware import json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
 from service.settings import Settings
-from service.store import JobStore, connect
+from service.store import JobQuery, JobStore, connect
 from service.submit import Submitter
 from tasks import Registry
 
@@ -70,6 +70,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     if settings.gateway.embedded_io_worker:
         app.cleanup_ctx.append(_io_worker_ctx)
     app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_get("/v1/jobs/{id}/events", job_events)
@@ -190,6 +191,42 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
+#: The most jobs one page of ``GET /v1/jobs`` holds.
+MAX_PAGE = 500
+_LIST_FILTERS = ("state", "task", "engine", "queue")
+_LIST_PARAMETERS = (*_LIST_FILTERS, "limit", "cursor")
+_STATES = tuple(state.value for state in JobState)
+
+
+def _job_query(request: web.Request) -> JobQuery:
+    query = request.query
+    unknown = sorted(set(query) - set(_LIST_PARAMETERS))
+    if unknown:
+        raise InvalidParameter(
+            f"unknown parameter(s): {', '.join(unknown)}", {"allowed": list(_LIST_PARAMETERS)}
+        )
+    filters: dict[str, str] = {}
+    for name in _LIST_FILTERS:
+        value = query.get(name)
+        if value is not None and not 1 <= len(value) <= 200:
+            raise InvalidParameter(f"{name} must be 1 to 200 characters", {"parameter": name})
+        if value is not None:
+            filters[name] = value
+    if filters.get("state", _STATES[0]) not in _STATES:
+        raise InvalidParameter(f"state must be one of {', '.join(_STATES)}", {"parameter": "state"})
+    raw_limit = query.get("limit", "50")
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise InvalidParameter(
+            f"limit must be a whole number from 1 to {MAX_PAGE}", {"parameter": "limit"}
+        )
+    cursor = query.get("cursor")
+    if cursor is not None and not ids.is_valid(cursor):
+        raise InvalidParameter(
+            "cursor must be the next_cursor of an earlier page", {"parameter": "cursor"}
+        )
+    return JobQuery(limit=int(raw_limit), cursor=cursor, **filters)
+
+
 def _wait_seconds(request: web.Request) -> float:
     raw = request.query.get("wait")
     if raw is None:
@@ -257,6 +294,14 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise InvalidBody(f"a batch holds 1 to {MAX_BATCH} jobs, not {len(jobs)}")
     accepted = await request.app[SUBMITTER].submit_many(jobs)
     return web.json_response({"jobs": [job.to_api() for job in accepted]}, status=202)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """Jobs, newest first, a page at a time; only those with the given state, task, engine
+    and queue. ``next_cursor`` continues the listing (null at its end); a page may hold
+    fewer jobs than ``limit`` before the end when the filters match few jobs."""
+    jobs, next_cursor = await request.app[STORE].list_jobs(_job_query(request))
+    return web.json_response({"jobs": [job.to_api() for job in jobs], "next_cursor": next_cursor})
 
 
 async def get_job(request: web.Request) -> web.Response:

@@ -8,6 +8,8 @@ PREFIX = "cf:"
 EVENTS = PREFIX + "events"
 #: Pub/sub channel that carries each cancel: ``{"id": job id, "from": its state before}``.
 CANCEL = PREFIX + "cancel"
+#: Sorted set of every job's id (all scored 0: ids sort by creation time), for listing.
+JOBS = PREFIX + "jobs"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"
 

@@ -122,6 +122,53 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "corefleet gateway", "version": "1"},
         "paths": {
             "/v1/jobs": {
+                "get": {
+                    "summary": "Jobs, newest first, a page at a time, optionally filtered",
+                    "parameters": [
+                        *(
+                            {
+                                "name": name,
+                                "in": "query",
+                                "required": False,
+                                "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                            }
+                            for name in ("task", "engine", "queue")
+                        ),
+                        {
+                            "name": "state",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"enum": [state.value for state in JobState]},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        },
+                        {
+                            "name": "cursor",
+                            "in": "query",
+                            "required": False,
+                            "description": "next_cursor of the page before",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["jobs", "next_cursor"],
+                                "properties": {
+                                    "jobs": {"type": "array", "items": _ref("Job")},
+                                    "next_cursor": {"type": ["string", "null"]},
+                                },
+                            },
+                            "A page of jobs; next_cursor is null at the end",
+                        ),
+                        **_errors(400, 503),
+                    },
+                },
                 "post": {
                     "summary": "Submit one job; with ?wait=S, return when it is terminal",
                     "parameters": [
@@ -147,7 +194,7 @@ def openapi_document() -> dict[str, Any]:
                         "202": _json(_ref("Job"), "Stored and queued"),
                         **_errors(400, 404, 409, 413, 503),
                     },
-                }
+                },
             },
             "/v1/jobs/batch": {
                 "post": {

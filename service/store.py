@@ -76,6 +76,24 @@ class Earlier:
 
 
 @dataclass(frozen=True)
+class JobQuery:
+    """Which jobs a listing wants: those older than ``cursor`` (a job id), up to ``limit``,
+    with each given state, task, engine and queue."""
+
+    limit: int = 50
+    cursor: str | None = None
+    state: str | None = None
+    task: str | None = None
+    engine: str | None = None
+    queue: str | None = None
+
+
+#: How many jobs one listing call looks at, at most: a page with a rare filter ends there
+#: (short, with a cursor) rather than hold Redis up.
+LIST_BUDGET = 2000
+
+
+@dataclass(frozen=True)
 class Begun:
     """What ``JobStore.begin`` found: run ``job``, or don't (``job`` is None)."""
 
@@ -101,7 +119,7 @@ class JobStore:
             redis,
             {
                 name: (LUA_DIR / f"{name}.lua").read_text()
-                for name in ("create", "transition", "begin")
+                for name in ("create", "transition", "begin", "list")
             },
             group=group_commit,
         )
@@ -117,8 +135,8 @@ class JobStore:
         """
         if once is not None and len(jobs) != 1:
             raise ValueError("an Idempotency-Key stands for one job")
-        script_keys: list[str] = []
-        args: list[Any] = []
+        script_keys: list[str] = [keys.JOBS]
+        args: list[Any] = [keys.job("")]
         for job in jobs:
             where = dispatch(job)
             fields = job.to_hash()
@@ -128,7 +146,7 @@ class JobStore:
                 args += [name, value]
         if once is not None:
             script_keys.append(keys.idempotency(once.key))
-            args += [jobs[0].id, once.fingerprint, self.idempotency_ttl_s, keys.job("")]
+            args += [jobs[0].id, once.fingerprint, self.idempotency_ttl_s]
         reply = await self.batch.script("create", script_keys, args)
         if reply[0] != "replay":
             return None
@@ -141,6 +159,35 @@ class JobStore:
         # redis-py types each command for its sync and async clients at once.
         raw: dict[str, str] = await self.redis.hgetall(keys.job(job_id))  # type: ignore[misc]
         return Job.from_hash(raw) if raw else None
+
+    async def list_jobs(self, query: JobQuery) -> tuple[list[Job], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None at the end).
+
+        A page may hold fewer than ``query.limit`` jobs (even none) while a cursor says
+        there is more: each call looks at a bounded number of jobs.
+        """
+        reply = await self.batch.script(
+            "list",
+            [keys.JOBS],
+            [
+                keys.job(""),
+                query.cursor or "",
+                query.limit,
+                LIST_BUDGET,
+                query.state or "",
+                query.task or "",
+                query.engine or "",
+                query.queue or "",
+            ],
+        )
+        jobs: list[Job] = []
+        at = 1
+        while at < len(reply):
+            size = int(reply[at])
+            flat = reply[at + 1 : at + 1 + size]
+            jobs.append(Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
+            at += 1 + size
+        return jobs, reply[0] or None
 
     async def begin(self, job_id: str, worker: str) -> Begun:
         """Count an attempt and mark the job running, unless it must not run."""

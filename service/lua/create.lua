@@ -1,9 +1,10 @@
 -- Store new jobs and queue each one, atomically: all of them or none.
--- KEYS    per job, in order: its hash, then its queue (a stream or a list); then, for a
---         submit with an Idempotency-Key (one job), the key's record
--- ARGV    per job, in order: op, value, n, then n field/value pairs; then, with a key:
---         the job's id, the request's fingerprint, the key's TTL in seconds and the
---         prefix of job hashes
+-- KEYS[1]  the index of every job (a sorted set of job ids; ids sort by creation)
+-- KEYS     then per job, in order: its hash, then its queue (a stream or a list); then,
+--          for a submit with an Idempotency-Key (one job), the key's record
+-- ARGV[1]  the prefix of job hashes (the hash of job ID is prefix .. ID)
+-- ARGV     then per job, in order: op, value, n, then n field/value pairs; then, with a
+--          key: the job's id, the request's fingerprint and the key's TTL in seconds
 --   op "xadd": add an entry holding the job's id (value) to the stream
 --   op "xadd-job": the same, plus the fields a cluster dispatcher launches the job with,
 --     so that it need not read the record first
@@ -17,14 +18,19 @@
 -- nothing is written.
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
-local jobs = math.floor(#KEYS / 2)
-local once = #KEYS % 2 == 1 and KEYS[#KEYS] or nil
-local tail = #ARGV - 3  -- where the key's arguments start, when there is a key
+-- Index entries of jobs whose record has expired are dropped as they are met: listing
+-- meets some, and each new job samples this many (so at most about a third of the index
+-- is ever stale, however many jobs expire).
+local INDEX_SAMPLE = 2
+local index, prefix = KEYS[1], ARGV[1]
+local jobs = math.floor((#KEYS - 1) / 2)
+local once = (#KEYS - 1) % 2 == 1 and KEYS[#KEYS] or nil
+local tail = #ARGV - 2  -- where the key's arguments start, when there is a key
 if once then
   local held = redis.call('GET', once)
   if held then
     local id, fingerprint = string.match(held, '^(%S+) (%S+)$')
-    local record = id and redis.call('HGETALL', ARGV[tail + 3] .. id) or {}
+    local record = id and redis.call('HGETALL', prefix .. id) or {}
     if #record > 0 then
       table.insert(record, 1, fingerprint)
       table.insert(record, 1, 'replay')
@@ -32,13 +38,17 @@ if once then
     end
   end
 end
-local a = 1
-for k = 1, 2 * jobs, 2 do
+local a = 2
+for k = 2, 1 + 2 * jobs, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   if redis.call('EXISTS', KEYS[k]) == 0 then
     local fields = {}
     for i = a + 3, a + 2 + 2 * n do fields[#fields + 1] = ARGV[i] end
+    for _, old in ipairs(redis.call('ZRANDMEMBER', index, INDEX_SAMPLE)) do
+      if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', index, old) end
+    end
     redis.call('HSET', KEYS[k], unpack(fields))
+    redis.call('ZADD', index, 0, string.sub(KEYS[k], #prefix + 1))
     if op == 'xadd' then
       redis.call('XADD', KEYS[k + 1], '*', 'id', value)
     elseif op == 'xadd-job' then
