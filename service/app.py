@@ -34,6 +34,8 @@ from service.errors import (
 )
 from service.events import EventHub, Watch
 from service.jobs import Job, JobState
+from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from service.metrics import HttpMetrics, render
 from service.middleware import json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
@@ -51,15 +53,19 @@ ENGINES = web.AppKey("engines", dict[str, Engine])
 SUBMITTER = web.AppKey("submitter", Submitter)
 IO_WORKER = web.AppKey("io_worker", StreamConsumer)
 HEAVY = web.AppKey("heavy", HeavyDispatcher)
+HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 
 MAX_BATCH = 1000
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
+    http_metrics = HttpMetrics()
     app = web.Application(
-        middlewares=[json_errors(settings.gateway.max_body_bytes)],
+        # Measured outermost, so that error answers count with the status they went out with.
+        middlewares=[http_metrics.middleware(), json_errors(settings.gateway.max_body_bytes)],
         client_max_size=settings.gateway.max_body_bytes,
     )
+    app[HTTP_METRICS] = http_metrics
     app[SETTINGS] = settings
     app[REGISTRY] = registry or Registry.load(settings.task_modules)
     app.cleanup_ctx.append(_redis_ctx)
@@ -79,6 +85,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.router.add_get("/v1/queues", list_queues)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     return app
 
@@ -421,6 +428,13 @@ async def list_queues(request: web.Request) -> web.Response:
     """Each engine's state, and depth, running jobs and workers per queue."""
     engines = {name: await engine.status() for name, engine in request.app[ENGINES].items()}
     return web.json_response({"engines": engines})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Job counters, queue gauges and HTTP metrics in Prometheus' text format."""
+    engines = {name: await engine.status() for name, engine in request.app[ENGINES].items()}
+    text = await render(request.app[REDIS], engines, request.app[HTTP_METRICS])
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -10,6 +10,9 @@ EVENTS = PREFIX + "events"
 CANCEL = PREFIX + "cancel"
 #: Sorted set of every job's id (all scored 0: ids sort by creation time), for listing.
 JOBS = PREFIX + "jobs"
+#: Hash of job counters for /metrics: "event<TAB>engine<TAB>task" -> count, where event is
+#: "submitted", "begun" (an attempt started) or the terminal state a job reached.
+STATS = PREFIX + "stats"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"
 

@@ -278,6 +278,18 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Job counters, queue gauges and HTTP metrics for Prometheus",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format, version 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(503),
+                    },
+                }
+            },
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

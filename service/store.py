@@ -135,7 +135,7 @@ class JobStore:
         """
         if once is not None and len(jobs) != 1:
             raise ValueError("an Idempotency-Key stands for one job")
-        script_keys: list[str] = [keys.JOBS]
+        script_keys: list[str] = [keys.JOBS, keys.STATS]
         args: list[Any] = [keys.job("")]
         for job in jobs:
             where = dispatch(job)
@@ -192,7 +192,7 @@ class JobStore:
     async def begin(self, job_id: str, worker: str) -> Begun:
         """Count an attempt and mark the job running, unless it must not run."""
         reply = await self.batch.script(
-            "begin", [keys.job(job_id)], self._begin_args(job_id, worker)
+            "begin", [keys.job(job_id), keys.STATS], self._begin_args(job_id, worker)
         )
         if reply[0] != "run":
             return Begun(None, reply[1] if len(reply) > 1 else reply[0])
@@ -227,7 +227,7 @@ class JobStore:
         allowed = ",".join(s.value for s in ALLOWED_FROM[to]) or "-"
         moved, previous = await self.batch.script(
             "transition",
-            [keys.job(job_id)],
+            [keys.job(job_id), keys.STATS],
             [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
         )
         return bool(moved), JobState(previous) if previous else None

@@ -1,5 +1,5 @@
 -- Start one attempt of a job: count it and mark the job running, atomically.
--- KEYS[1]  the job hash
+-- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
 -- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
 -- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
 -- ARGV[6]  error JSON written when the job has no attempt left
@@ -23,7 +23,10 @@ if current ~= 'queued' and current ~= 'retrying' and current ~= 'running' then
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local max_attempts = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or '1')
+local kind = redis.call('HMGET', KEYS[1], 'engine', 'task')
+local counted = '\t' .. (kind[1] or '') .. '\t' .. (kind[2] or '')
 if attempts > max_attempts then
+  redis.call('HINCRBY', KEYS[2], 'dead' .. counted, 1)
   -- Only a redelivery gets here: every attempt so far was lost with its worker.
   redis.call('HSET', KEYS[1], 'state', 'dead', 'attempts', max_attempts,
              'error', ARGV[6], 'finished_at', ARGV[2])
@@ -33,6 +36,7 @@ if attempts > max_attempts then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
            'attempt_id', ARGV[7])
+redis.call('HINCRBY', KEYS[2], 'begun' .. counted, 1)
 redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'running', from = current}))
 local out = redis.call('HGETALL', KEYS[1])
 table.insert(out, 1, 'run')

@@ -1,5 +1,6 @@
 -- Store new jobs and queue each one, atomically: all of them or none.
 -- KEYS[1]  the index of every job (a sorted set of job ids; ids sort by creation)
+-- KEYS[2]  the job counters (a hash: "submitted<TAB>engine<TAB>task" -> count)
 -- KEYS     then per job, in order: its hash, then its queue (a stream or a list); then,
 --          for a submit with an Idempotency-Key (one job), the key's record
 -- ARGV[1]  the prefix of job hashes (the hash of job ID is prefix .. ID)
@@ -22,9 +23,9 @@ local launch_fields = {task = true, kind = true, engine = true, queue = true,
 -- meets some, and each new job samples this many (so at most about a third of the index
 -- is ever stale, however many jobs expire).
 local INDEX_SAMPLE = 2
-local index, prefix = KEYS[1], ARGV[1]
-local jobs = math.floor((#KEYS - 1) / 2)
-local once = (#KEYS - 1) % 2 == 1 and KEYS[#KEYS] or nil
+local index, stats, prefix = KEYS[1], KEYS[2], ARGV[1]
+local jobs = math.floor((#KEYS - 2) / 2)
+local once = (#KEYS - 2) % 2 == 1 and KEYS[#KEYS] or nil
 local tail = #ARGV - 2  -- where the key's arguments start, when there is a key
 if once then
   local held = redis.call('GET', once)
@@ -39,11 +40,16 @@ if once then
   end
 end
 local a = 2
-for k = 2, 1 + 2 * jobs, 2 do
+for k = 3, 2 + 2 * jobs, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   if redis.call('EXISTS', KEYS[k]) == 0 then
-    local fields = {}
-    for i = a + 3, a + 2 + 2 * n do fields[#fields + 1] = ARGV[i] end
+    local fields, named = {}, {}
+    for i = a + 3, a + 2 + 2 * n, 2 do
+      fields[#fields + 1] = ARGV[i]
+      fields[#fields + 1] = ARGV[i + 1]
+      named[ARGV[i]] = ARGV[i + 1]
+    end
+    redis.call('HINCRBY', stats, 'submitted\t' .. named.engine .. '\t' .. named.task, 1)
     for _, old in ipairs(redis.call('ZRANDMEMBER', index, INDEX_SAMPLE)) do
       if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', index, old) end
     end

@@ -1,5 +1,5 @@
 -- Move one job to a new state, only from the states allowed, in one atomic step.
--- KEYS[1]  the job hash
+-- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
 -- ARGV[1]  job id            ARGV[2]  target state
 -- ARGV[3]  allowed source states, comma separated
 -- ARGV[4]  TTL in seconds once terminal (0: keep)
@@ -24,7 +24,12 @@ local fields = {'state', ARGV[2]}
 for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local ttl = tonumber(ARGV[4])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ttl > 0 then
+  -- A terminal state: count it and let the record expire.
+  redis.call('EXPIRE', KEYS[1], ttl)
+  local kind = redis.call('HMGET', KEYS[1], 'engine', 'task')
+  redis.call('HINCRBY', KEYS[2], ARGV[2] .. '\t' .. (kind[1] or '') .. '\t' .. (kind[2] or ''), 1)
+end
 local event = {id = ARGV[1], state = ARGV[2], from = current}
 if ttl > 0 then
   local flat = redis.call('HGETALL', KEYS[1])

@@ -1,0 +1,86 @@
+"""GET /metrics: job counters kept in Redis by the scripts that change jobs, queue gauges
+from the engines, and the gateway's own HTTP metrics, in Prometheus' text format."""
+
+from __future__ import annotations
+
+import re
+
+import redis.asyncio as aioredis
+
+from service import keys
+from tests.conftest import Gateway
+
+_SAMPLE = re.compile(
+    r'^([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.]+(?:e[+-]?[0-9]+)?|\+Inf)$'
+)
+
+
+async def _scrape(gateway: Gateway) -> dict[str, float]:
+    """Every sample, keyed by its name and labels as written."""
+    async with gateway.session.get(f"{gateway.url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# "):
+            assert line.split()[1] in ("HELP", "TYPE"), line
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        samples[line.rsplit(" ", 1)[0]] = float(match.group(3))
+    return samples
+
+
+async def test_job_counters_count_every_change(gateway: Gateway) -> None:
+    for i in range(3):
+        await gateway.wait((await gateway.submit("io.echo", i))["id"])
+    failed = await gateway.submit("test.boom", "no")
+    assert (await gateway.wait(failed["id"]))["state"] == "failed"
+    held = await gateway.submit("io.sleep", 30)
+    status, _ = await gateway.call("DELETE", f"/v1/jobs/{held['id']}")
+    assert status == 200
+    got = await _scrape(gateway)
+    echo = 'engine="asyncio",task="io.echo"'
+    assert got[f"corefleet_jobs_submitted_total{{{echo}}}"] == 3
+    assert got[f"corefleet_job_attempts_total{{{echo}}}"] == 3
+    assert got[f'corefleet_jobs_finished_total{{state="succeeded",{echo}}}'] == 3
+    boom = 'corefleet_jobs_finished_total{state="failed",engine="asyncio",task="test.boom"}'
+    assert got[boom] == 1
+    cancelled = 'corefleet_jobs_finished_total{state="cancelled",engine="asyncio",task="io.sleep"}'
+    assert got[cancelled] == 1
+
+
+async def test_queue_gauges_follow_the_queues(bare_gateway: Gateway) -> None:
+    for i in range(4):
+        await bare_gateway.submit("io.echo", i)
+    got = await _scrape(bare_gateway)
+    assert got['corefleet_queue_waiting{engine="asyncio",queue="io"}'] == 4
+    assert got['corefleet_queue_workers{engine="asyncio",queue="io"}'] == 0
+    assert got['corefleet_engine_state{engine="asyncio",state="local"}'] == 1
+
+
+async def test_http_requests_are_counted_by_route_not_by_id(bare_gateway: Gateway) -> None:
+    made = [(await bare_gateway.submit("io.echo", i))["id"] for i in range(2)]
+    for job_id in made:
+        await bare_gateway.call("GET", f"/v1/jobs/{job_id}")
+    await bare_gateway.call("GET", "/v1/jobs/not-an-id")
+    await bare_gateway.call("GET", "/no/such/route")
+    got = await _scrape(bare_gateway)
+    requests = "corefleet_http_requests_total"
+    assert got[f'{requests}{{method="POST",route="/v1/jobs",status="202"}}'] == 2
+    assert got[f'{requests}{{method="GET",route="/v1/jobs/{{id}}",status="200"}}'] == 2
+    assert got[f'{requests}{{method="GET",route="/v1/jobs/{{id}}",status="400"}}'] == 1
+    assert got[f'{requests}{{method="GET",route="unmatched",status="404"}}'] == 1
+    count = 'corefleet_http_request_duration_seconds_count{method="POST",route="/v1/jobs"}'
+    inf = 'corefleet_http_request_duration_seconds_bucket{method="POST",route="/v1/jobs",le="+Inf"}'
+    assert got[count] == got[inf] == 2
+
+
+async def test_counters_are_shared_through_redis(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """What another gateway or a producer counted shows here too: the numbers are Redis's."""
+    await redis.hincrby(keys.STATS, "submitted\tcelery\tcpu.count_primes", 5)
+    got = await _scrape(bare_gateway)
+    assert got['corefleet_jobs_submitted_total{engine="celery",task="cpu.count_primes"}'] == 5
