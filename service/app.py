@@ -219,7 +219,8 @@ def _job_query(request: web.Request) -> JobQuery:
             raise InvalidParameter(f"{name} must be 1 to 200 characters", {"parameter": name})
         if value is not None:
             filters[name] = value
-    if filters.get("state", _STATES[0]) not in _STATES:
+    state = filters.get("state")
+    if state is not None and state not in _STATES:
         raise InvalidParameter(f"state must be one of {', '.join(_STATES)}", {"parameter": "state"})
     raw_limit = query.get("limit", "50")
     if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:

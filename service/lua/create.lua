@@ -20,8 +20,8 @@
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
 -- Index entries of jobs whose record has expired are dropped as they are met: listing
--- meets some, and each new job samples this many (so at most about a third of the index
--- is ever stale, however many jobs expire).
+-- meets some, and each new job samples this many, which keeps the stale entries at about
+-- as many as the live ones at most, however many jobs expire.
 local INDEX_SAMPLE = 2
 local index, stats, prefix = KEYS[1], KEYS[2], ARGV[1]
 local jobs = math.floor((#KEYS - 2) / 2)
