@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service import keys, store
+from service import ids, keys, store
 from tests.conftest import Gateway
 
 
@@ -27,6 +27,12 @@ async def _all(gateway: Gateway, query: str) -> list[str]:
         if page["next_cursor"] is None:
             return found
         page = await _page(gateway, f"?{query}&cursor={page['next_cursor']}")
+
+
+def test_ids_made_in_a_row_sort_in_that_order_even_within_a_millisecond() -> None:
+    made = [ids.new_id() for _ in range(10_000)]
+    assert sorted(made) == made and len(set(made)) == len(made)
+    assert all(ids.is_valid(job_id) for job_id in made)
 
 
 async def test_jobs_are_listed_newest_first_a_page_at_a_time(bare_gateway: Gateway) -> None:
