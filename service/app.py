@@ -223,7 +223,9 @@ def _job_query(request: web.Request) -> JobQuery:
     if state is not None and state not in _STATES:
         raise InvalidParameter(f"state must be one of {', '.join(_STATES)}", {"parameter": "state"})
     raw_limit = query.get("limit", "50")
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 3) or not (
+        1 <= int(raw_limit) <= MAX_PAGE
+    ):
         raise InvalidParameter(
             f"limit must be a whole number from 1 to {MAX_PAGE}", {"parameter": "limit"}
         )

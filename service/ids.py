@@ -32,4 +32,4 @@ def new_id() -> str:
 
 def is_valid(job_id: str) -> bool:
     """Whether ``job_id`` has the shape of an id this service hands out."""
-    return bool(_ID_RE.match(job_id))
+    return bool(_ID_RE.fullmatch(job_id))

@@ -8,6 +8,7 @@ counts and durations are this gateway process's own, as is usual for a scraped p
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -32,6 +33,12 @@ _FINISHED = (
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Methods counted by name; any other a client sends counts as "other" (no unbounded
+#: series from made-up methods).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The status counted for a request whose client went away before the answer (nginx's).
+CLIENT_GONE = 499
 
 
 class HttpMetrics:
@@ -64,8 +71,12 @@ class HttpMetrics:
             except web.HTTPException as exc:
                 status = exc.status
                 raise
+            except asyncio.CancelledError:
+                status = CLIENT_GONE
+                raise
             finally:
-                self.observe(request.method, _route(request), status, time.perf_counter() - started)
+                method = request.method if request.method in _METHODS else "other"
+                self.observe(method, _route(request), status, time.perf_counter() - started)
 
         return measure
 

@@ -52,7 +52,7 @@ async def _guarded(
         log.warning("%s %s: Redis does not answer (%s)", request.method, request.path, exc)
         response = error_response(
             StoreUnavailable(
-                f"the job store (Redis) does not answer: {exc}; try again shortly",
+                "the job store (Redis) does not answer; try again shortly",
                 {"retry_after_s": STORE_RETRY_AFTER_S},
             )
         )

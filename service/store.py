@@ -29,6 +29,8 @@ LUA_DIR = Path(__file__).parent / "lua"
 #: doubling up to 1 s) about 5 s in all, which covers a restart and is as long as an HTTP
 #: client should wait before it is told that the store is unavailable.
 RETRIES = 8
+#: How long one attempt to connect to Redis may take.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
@@ -45,6 +47,9 @@ def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
             ExponentialBackoff(cap=1.0, base=0.05), retries=-1 if until_answered else RETRIES
         ),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        # A Redis host that drops packets fails a connection attempt in seconds, not in the
+        # minutes the kernel would wait.
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
 
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from service import ids, presence
+from service import ids, keys, presence
 from service.engines.base import Engine
 from service.errors import (
     EngineUnavailable,
@@ -50,6 +50,9 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     queue = options.get("queue")
     if queue is not None and (not isinstance(queue, str) or not _QUEUE_RE.match(queue)):
         raise InvalidBody("options.queue must be 1 to 64 letters, digits or _.:-")
+    if queue is not None and queue.startswith(keys.PREFIX):
+        # A Celery queue is a Redis list of that very name: it must not be one of ours.
+        raise InvalidBody(f"options.queue must not start with {keys.PREFIX!r} (corefleet's own)")
     if not isinstance(options.get("require_worker", False), bool):
         raise InvalidBody("options.require_worker must be true or false")
     return options

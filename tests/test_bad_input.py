@@ -92,6 +92,13 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_body",
     ),
     (
+        # A Celery queue is a Redis list of that name: never one of corefleet's own keys.
+        "queue on corefleet's keys",
+        {"json": {"task": "cpu.count_primes", "args": [10], "options": {"queue": "cf:jobs"}}},
+        400,
+        "invalid_body",
+    ),
+    (
         "oversized body",
         {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
         413,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 
 import aiohttp
@@ -131,8 +132,8 @@ async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
     job = Job(id=ids.new_id(), task="io.echo", kind="io", engine="asyncio", queue="io", args=["x"])
     await store.create([job], lambda j: Dispatch("xadd", keys.stream(j.queue), j.id))
     own.stop()
+    running = asyncio.create_task(asyncio.to_thread(run_job_here, config, job.id, "test"))
     try:
-        running = asyncio.create_task(asyncio.to_thread(run_job_here, config, job.id, "test"))
         # Two requests give up one after the other meanwhile: the runner, started first, has
         # been without Redis for longer than a request's retries, twice over.
         for _ in range(2):
@@ -144,5 +145,10 @@ async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
         record = await store.get(job.id)
         assert record is not None and record.result == "x" and record.attempts == 1
     finally:
+        if not running.done():  # let the runner's thread end, or it holds the test run open
+            if own.proc is None:
+                own.start()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(running, 30)
         await request.aclose()
         own.stop()

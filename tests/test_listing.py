@@ -104,6 +104,8 @@ async def test_new_jobs_sweep_stale_index_entries(
         ("?limit=501", "limit"),
         ("?limit=ten", "limit"),
         ("?cursor=not-an-id", "cursor"),
+        (f"?cursor={ids.new_id()}%0A", "cursor"),
+        ("?limit=" + "9" * 5000, "limit"),
         ("?task=", "task"),
         ("?colour=red", "unknown"),
     ],

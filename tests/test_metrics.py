@@ -66,12 +66,14 @@ async def test_http_requests_are_counted_by_route_not_by_id(bare_gateway: Gatewa
         await bare_gateway.call("GET", f"/v1/jobs/{job_id}")
     await bare_gateway.call("GET", "/v1/jobs/not-an-id")
     await bare_gateway.call("GET", "/no/such/route")
+    await bare_gateway.call("PROPFIND", "/v1/jobs")  # a method not counted by name
     got = await _scrape(bare_gateway)
     requests = "corefleet_http_requests_total"
     assert got[f'{requests}{{method="POST",route="/v1/jobs",status="202"}}'] == 2
     assert got[f'{requests}{{method="GET",route="/v1/jobs/{{id}}",status="200"}}'] == 2
     assert got[f'{requests}{{method="GET",route="/v1/jobs/{{id}}",status="400"}}'] == 1
     assert got[f'{requests}{{method="GET",route="unmatched",status="404"}}'] == 1
+    assert got[f'{requests}{{method="other",route="unmatched",status="405"}}'] == 1
     count = 'corefleet_http_request_duration_seconds_count{method="POST",route="/v1/jobs"}'
     inf = 'corefleet_http_request_duration_seconds_bucket{method="POST",route="/v1/jobs",le="+Inf"}'
     assert got[count] == got[inf] == 2

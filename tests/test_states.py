@@ -187,3 +187,20 @@ async def test_a_begin_sent_twice_counts_one_attempt(store: JobStore) -> None:
     assert job is not None and job.state is JobState.RUNNING and job.attempts == 1
     # A begin of another attempt (a redelivery) is counted, as before.
     assert (await store.begin(job_id, "w2")).reason == "dead"
+
+
+async def test_a_finish_sent_twice_is_reported_as_done_both_times(store: JobStore) -> None:
+    """The second sending of a succeed finds the job finished with its own fields: it says
+    moved (the runner must not think its result was dropped) and counts nothing again; a
+    different finish is still refused."""
+    job_id = await _job_in(store, JobState.RUNNING)
+    fields = {"result": "1", "finished_at": now_iso()}
+    assert await store.transition(job_id, JobState.SUCCEEDED, fields) == (True, JobState.RUNNING)
+    assert (await store.transition(job_id, JobState.SUCCEEDED, fields))[0] is True
+    counted = await store.redis.hget(keys.STATS, "succeeded\tasyncio\tio.echo")
+    assert counted == "1"
+    other = {"result": "2", "finished_at": now_iso()}
+    assert await store.transition(job_id, JobState.SUCCEEDED, other) == (
+        False,
+        JobState.SUCCEEDED,
+    )

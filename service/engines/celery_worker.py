@@ -68,7 +68,7 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
 
 
 async def _record_failure(settings: Settings, job_id: str, error: JobError) -> None:
-    redis = connect(settings.redis)
+    redis = connect(settings.redis, until_answered=True)  # Celery acknowledged the job
     try:
         await JobStore(redis, settings.job_ttl_s).fail(job_id, error)
     finally:

@@ -5,13 +5,25 @@
 -- ARGV[4]  TTL in seconds once terminal (0: keep)
 -- ARGV[5]  events channel    ARGV[6]  cancel channel
 -- ARGV[7..] field, value pairs to write with the new state
--- Returns {1, previous state} when moved, {0, current state or ""} when refused.
+-- Returns {1, previous state} when moved, {0, current state or ""} when refused. A job
+-- already in the target state with these very fields was moved by this same call, sent
+-- again (the client resends when a connection drops, even after Redis ran the script):
+-- that returns {1, the state} again, and nothing is written, counted or published twice.
 -- A terminal event carries the finished record (as "job") when it is at most this many
 -- bytes, so that whoever waits on the job answers without reading it back.
 local RECORD_IN_EVENT_MAX = 8192
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return {0, ''}
+end
+if current == ARGV[2] and #ARGV > 6 then
+  local same = true
+  for i = 7, #ARGV, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then same = false end
+  end
+  if same then
+    return {1, current}
+  end
 end
 local allowed = false
 for state in string.gmatch(ARGV[3], '[^,]+') do
