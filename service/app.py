@@ -429,13 +429,17 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def list_queues(request: web.Request) -> web.Response:
     """Each engine's state, and depth, running jobs and workers per queue."""
-    engines = {name: await engine.status() for name, engine in request.app[ENGINES].items()}
-    return web.json_response({"engines": engines})
+    return web.json_response({"engines": await _engine_statuses(request.app)})
+
+
+async def _engine_statuses(app: web.Application) -> dict[str, dict[str, Any]]:
+    """Each engine's state and queues, as /v1/queues and /metrics show them."""
+    return {name: await engine.status() for name, engine in app[ENGINES].items()}
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Job counters, queue gauges and HTTP metrics in Prometheus' text format."""
-    engines = {name: await engine.status() for name, engine in request.app[ENGINES].items()}
+    engines = await _engine_statuses(request.app)
     text = await render(request.app[REDIS], engines, request.app[HTTP_METRICS])
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 

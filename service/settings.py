@@ -127,6 +127,10 @@ class EngineSettings:
     gpu_fallback: str = ""
 
 
+#: Seconds an ``Idempotency-Key`` keeps standing for its job unless configured.
+DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600
+
+
 @dataclass(frozen=True)
 class Settings:
     #: Redis URL; ``None`` means "find one" (``corefleet up``) or the default local one.
@@ -140,7 +144,7 @@ class Settings:
     #: Seconds a finished job's record is kept.
     job_ttl_s: int = 7 * 24 * 3600
     #: Seconds an ``Idempotency-Key`` keeps standing for the job it created.
-    idempotency_ttl_s: int = 24 * 3600
+    idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
     log_level: str = "INFO"
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     io: IoWorkerSettings = field(default_factory=IoWorkerSettings)
@@ -203,7 +207,9 @@ class Settings:
             data_dir=Path(env.get("COREFLEET_DATA_DIR", ".corefleet")),
             task_modules=_list(env, "COREFLEET_TASK_MODULES"),
             job_ttl_s=_int(env, "COREFLEET_JOB_TTL_S", 7 * 24 * 3600, minimum=1),
-            idempotency_ttl_s=_int(env, "COREFLEET_IDEMPOTENCY_TTL_S", 24 * 3600, minimum=1),
+            idempotency_ttl_s=_int(
+                env, "COREFLEET_IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, minimum=1
+            ),
             log_level=env.get("COREFLEET_LOG_LEVEL", "INFO").upper(),
             gateway=gateway,
             io=io,

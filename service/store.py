@@ -21,6 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import ids, keys
 from service.batching import Batcher
 from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
+from service.settings import DEFAULT_IDEMPOTENCY_TTL_S
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -113,7 +114,7 @@ class JobStore:
         redis: aioredis.Redis,
         job_ttl_s: int,
         group_commit: bool = True,
-        idempotency_ttl_s: int = 24 * 3600,
+        idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S,
     ) -> None:
         """``group_commit=False`` for a process that runs one job at a time (see batching)."""
         self.redis = redis
