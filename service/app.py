@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from service import ids
+from service.dashboard import Dashboard
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, ensure_group, io_worker
 from service.engines.base import Engine
@@ -31,6 +32,7 @@ from service.errors import (
     InvalidParameter,
     JobFinished,
     JobNotFound,
+    StoreUnavailable,
 )
 from service.events import EventHub, Watch
 from service.jobs import Job, JobState
@@ -80,6 +82,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_get("/v1/jobs/{id}/events", job_events)
+    app.router.add_get("/v1/events", all_events)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/queues", list_queues)
@@ -87,6 +90,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    Dashboard().add_routes(app.router)
     return app
 
 
@@ -370,25 +374,39 @@ async def _wait_watched(
 SSE_KEEPALIVE_S = 15.0
 
 
+def _sse(event: str, payload: Any) -> bytes:
+    """One Server-Sent Event carrying ``payload`` as JSON."""
+    return f"event: {event}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    return response
+
+
 async def job_events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: the record at each state change, ending when the job is terminal."""
+    """Server-Sent Events: the record at each state change (``state``) and each progress
+    report while it runs (``progress``), ending when the job is terminal."""
     job_id = _job_id(request)
     store = request.app[STORE]
     with request.app[HUB].watch(job_id) as changed:  # watch first: no change is missed
         job = await store.get(job_id)
         if job is None:
             raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        response = await _open_stream(request)
         sent: JobState | None = None
+        sent_progress: dict[str, Any] | None = None
         while job is not None:
             changed.clear()
             if job.state is not sent:
-                payload = json.dumps(job.to_api())
-                await response.write(f"event: state\ndata: {payload}\n\n".encode())
-                sent = job.state
+                await response.write(_sse("state", job.to_api()))
+                sent, sent_progress = job.state, job.progress
+            elif job.progress is not None and job.progress != sent_progress:
+                await response.write(_sse("progress", {"id": job.id, **job.progress}))
+                sent_progress = job.progress
             if job.state.terminal:
                 break
             try:
@@ -398,6 +416,36 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             job = await store.get(job_id)
         await response.write_eof()
         return response
+
+
+#: How long ``GET /v1/events`` waits for Redis to confirm its subscriptions.
+FEED_READY_S = 5.0
+
+
+async def all_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events for every job, from the moment the stream opens: ``job`` with
+    ``{"id", "state", "from", "progress"}`` at each new job, state change and progress
+    report; ``resync`` when changes may have been missed (re-read what you show). Open
+    this before reading the jobs, and no change falls between the two."""
+    async with request.app[HUB].feed() as feed:
+        try:
+            await asyncio.wait_for(feed.ready.wait(), FEED_READY_S)
+        except TimeoutError:
+            raise StoreUnavailable("cannot subscribe to job events now; try again") from None
+        response = await _open_stream(request)
+        while True:
+            try:
+                await asyncio.wait_for(feed.wake.wait(), SSE_KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            feed.wake.clear()
+            if feed.missed:
+                feed.missed = False
+                await response.write(_sse("resync", {}))
+            news = [_sse("job", feed.pending.popleft()) for _ in range(len(feed.pending))]
+            if news:
+                await response.write(b"".join(news))
 
 
 async def cancel_job(request: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""Push, never poll: one pub/sub subscription per process, fanned out to local waiters."""
+"""Push, never poll: one pub/sub subscription per process, fanned out to local waiters,
+and to live views (``GET /v1/events``, the dashboard) while any is open."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -45,6 +48,10 @@ async def listen(
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
 
 
+#: What a live view is told of each change.
+_NEWS = ("id", "state", "from", "progress")
+
+
 class Watch(asyncio.Event):
     """Set on every change of one job; ``state`` is the newest state seen, or None when
     it is unknown (the subscription was lost and came back). ``record`` is the finished
@@ -56,6 +63,35 @@ class Watch(asyncio.Event):
         self.record: dict[str, str] | None = None
 
 
+class Feed:
+    """Every job's changes, for one live view, as ``{"id", "state", "from"?, "progress"?}``.
+
+    It holds at most ``MAX_PENDING`` changes the view has not taken yet. Past that, or when
+    the subscription was lost for a while, the changes are dropped and ``missed`` is set:
+    the view reads the jobs again instead.
+    """
+
+    MAX_PENDING = 10_000
+
+    def __init__(self) -> None:
+        self.pending: deque[dict[str, Any]] = deque()
+        self.missed = False
+        self.ready = asyncio.Event()  # set once new jobs are announced to it too
+        self.wake = asyncio.Event()
+
+    def put(self, change: dict[str, Any]) -> None:
+        if len(self.pending) >= self.MAX_PENDING:
+            self.lose()
+            return
+        self.pending.append(change)
+        self.wake.set()
+
+    def lose(self) -> None:
+        self.pending.clear()
+        self.missed = True
+        self.wake.set()
+
+
 class EventHub:
     """Wakes whoever waits on a job when that job's state changes."""
 
@@ -64,6 +100,10 @@ class EventHub:
         self._waiters: dict[str, set[Watch]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._feeds: set[Feed] = set()
+        # New jobs are announced on a channel of their own, listened to only while a feed
+        # is open: otherwise every submit would wake every gateway.
+        self._announcements: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(
@@ -72,10 +112,32 @@ class EventHub:
         await self._connected.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._announcements):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    @contextlib.asynccontextmanager
+    async def feed(self) -> AsyncIterator[Feed]:
+        """Every change of every job from now on, new jobs included (see ``Feed``)."""
+        feed = Feed()
+        self._feeds.add(feed)
+        if self._announcements is None or self._announcements.done():
+            self._announcements = asyncio.create_task(
+                listen(self._redis, keys.SUBMITTED, self._on_announcement, self._on_announcing)
+            )
+        elif any(other.ready.is_set() for other in self._feeds):
+            feed.ready.set()
+        try:
+            yield feed
+        finally:
+            self._feeds.discard(feed)
+            if not self._feeds and self._announcements is not None:
+                self._announcements.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._announcements
+                self._announcements = None
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[Watch]:
@@ -92,16 +154,36 @@ class EventHub:
                     del self._waiters[job_id]
 
     def _on_message(self, data: str) -> None:
-        if not self._waiters:
+        if not self._waiters and not self._feeds:
             return  # the common case under load: nobody waits, so skip the parse
         change = json.loads(data)
         for event in self._waiters.get(change.get("id"), ()):
             event.state = change.get("state")
             event.record = change.get("job")
             event.set()
+        if self._feeds:
+            # Views get the change without the finished record (they read what they show).
+            news = {name: change[name] for name in _NEWS if name in change}
+            for feed in self._feeds:
+                feed.put(news)
+
+    def _on_announcement(self, data: str) -> None:
+        message = json.loads(data)
+        for job_id in message.get("ids", ()):
+            for feed in self._feeds:
+                feed.put({"id": job_id, "state": message.get("state", "queued")})
+
+    def _on_announcing(self) -> None:
+        for feed in self._feeds:
+            if feed.ready.is_set():
+                feed.lose()  # a resubscription: announcements were missed meanwhile
+            else:
+                feed.ready.set()
 
     def _on_connect(self) -> None:
         self._connected.set()
+        for feed in self._feeds:
+            feed.lose()
         for waiters in self._waiters.values():
             for event in waiters:
                 event.state = None  # changes may have been missed: read the record

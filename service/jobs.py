@@ -71,7 +71,7 @@ class JobError:
 
 
 # Fields stored as JSON text in the hash; the rest are plain strings or integers.
-_JSON_FIELDS = ("args", "kwargs", "options", "result", "error")
+_JSON_FIELDS = ("args", "kwargs", "options", "result", "error", "progress")
 
 
 @dataclass
@@ -93,6 +93,12 @@ class Job:
     created_at: str = ""
     started_at: str | None = None
     finished_at: str | None = None
+    #: What the running attempt last reported through ``ctx.progress``: ``{"fraction",
+    #: "message"}``, or None. A new attempt starts without it.
+    progress: dict[str, Any] | None = None
+    #: The running attempt's own id (set by ``begin``); progress reports carry it, so an
+    #: attempt that was replaced cannot write over its successor's.
+    attempt_id: str = ""
 
     def to_hash(self) -> dict[str, str]:
         """The fields written to Redis when the job is created."""
@@ -139,6 +145,8 @@ class Job:
             created_at=data.get("created_at", ""),
             started_at=data.get("started_at"),
             finished_at=data.get("finished_at"),
+            progress=data.get("progress"),
+            attempt_id=data.get("attempt_id", ""),
         )
 
     @classmethod
@@ -161,6 +169,7 @@ class Job:
             created_at=payload.get("created_at", ""),
             started_at=payload.get("started_at"),
             finished_at=payload.get("finished_at"),
+            progress=payload.get("progress"),
         )
 
     def to_api(self) -> dict[str, Any]:
@@ -182,5 +191,6 @@ class Job:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "progress": self.progress,
             "links": {"self": f"/v1/jobs/{self.id}", "events": f"/v1/jobs/{self.id}/events"},
         }

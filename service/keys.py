@@ -4,8 +4,13 @@ import hashlib
 
 PREFIX = "cf:"
 
-#: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``.
+#: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``, and
+#: each progress report as ``{"id", "state": "running", "progress": {...}}``.
 EVENTS = PREFIX + "events"
+#: Pub/sub channel that announces new jobs, one message per submit call:
+#: ``{"state": "queued", "ids": [...]}``. Gateways listen only while a live view (the
+#: dashboard, ``GET /v1/events``) is open, so a submit costs nobody a wake-up.
+SUBMITTED = PREFIX + "submitted"
 #: Pub/sub channel that carries each cancel: ``{"id": job id, "from": its state before}``.
 CANCEL = PREFIX + "cancel"
 #: Sorted set of every job's id (all scored 0: ids sort by creation time), for listing.

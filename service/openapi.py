@@ -85,6 +85,14 @@ _JOB = {
         "created_at": {"type": "string", "format": "date-time"},
         "started_at": {"type": ["string", "null"], "format": "date-time"},
         "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "progress": {
+            "type": ["object", "null"],
+            "description": "The running attempt's last ctx.progress report",
+            "properties": {
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                "message": {"type": "string"},
+            },
+        },
         "links": {"type": "object", "additionalProperties": {"type": "string"}},
     },
 }
@@ -243,7 +251,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/v1/jobs/{id}/events": {
                 "get": {
-                    "summary": "Server-Sent Events: the record at each state change, to the end",
+                    "summary": "Server-Sent Events: the record at each state change (state) "
+                    "and each progress report (progress), to the end",
                     "parameters": [_JOB_ID],
                     "responses": {
                         "200": {
@@ -251,6 +260,19 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
                         **_errors(400, 404, 503),
+                    },
+                }
+            },
+            "/v1/events": {
+                "get": {
+                    "summary": "Server-Sent Events for every job: job (each new job, state "
+                    "change and progress report) and resync (changes were missed)",
+                    "responses": {
+                        "200": {
+                            "description": "An event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(503),
                     },
                 }
             },
@@ -287,6 +309,34 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         },
                         **_errors(503),
+                    },
+                }
+            },
+            "/dashboard": {
+                "get": {
+                    "summary": "The ops dashboard (HTML); its script and style lie under it",
+                    "responses": {
+                        "200": {
+                            "description": "The page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/dashboard/{asset}": {
+                "get": {
+                    "summary": "The dashboard's script and style",
+                    "parameters": [
+                        {
+                            "name": "asset",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "The file"},
+                        **_errors(404),
                     },
                 }
             },

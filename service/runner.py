@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from service.jobs import Job, JobError, JobState
 from service.store import JobStore
 from tasks import Registry, TaskContext, TaskSpec
+from tasks.context import Reported
 
 log = logging.getLogger("corefleet.runner")
 
@@ -42,6 +45,7 @@ class JobRunner:
         # on the calling thread; on a shared event loop it runs in a thread instead.
         self.inline_sync = inline_sync
         self.is_cancelled = is_cancelled
+        self._reports: set[asyncio.Task[bool]] = set()  # progress writes not awaited yet
 
     async def run(self, job_id: str) -> JobState | None:
         """Run one attempt of the job; the state it ended in, or None if it did not run.
@@ -91,15 +95,20 @@ class JobRunner:
                 task=job.task,
                 attempt=job.attempts,
                 _cancelled=lambda: self.is_cancelled(job.id),
+                _report=self._reporter(job, on_loop=spec.is_async),
             )
         limit = job.timeout_s or spec.timeout_s
         if spec.is_async:
             call = spec.fn(*job.args, **kwargs)
-        elif self.inline_sync:
-            # The engine enforces the time limit of sync tasks in their own process.
-            return spec.fn(*job.args, **kwargs)
-        else:
+        elif not self.inline_sync:
             call = asyncio.to_thread(spec.fn, *job.args, **kwargs)
+        elif spec.takes_ctx:
+            # The engine enforces the time limit of sync tasks in their own process. A task
+            # that takes ctx runs on a thread, so that this loop is free to carry its
+            # progress reports to Redis.
+            return await asyncio.to_thread(spec.fn, *job.args, **kwargs)
+        else:
+            return spec.fn(*job.args, **kwargs)
         if limit is None:
             return await call
         deadline = asyncio.timeout(limit)
@@ -110,6 +119,29 @@ class JobRunner:
             if deadline.expired():
                 raise TimeLimitExceeded(f"{job.task} ran past its {limit:g} s time limit") from None
             raise
+
+    def _reporter(self, job: Job, *, on_loop: bool) -> Callable[[float, str], Awaitable[bool]]:
+        """How ``ctx.progress`` reaches the store: an async task's call starts the write on
+        this loop (awaiting it waits for it); a sync task's, on its own thread, waits for it."""
+        loop = asyncio.get_running_loop()
+
+        async def record(fraction: float, message: str) -> bool:
+            try:
+                return await self.store.progress(job, fraction, message)
+            except (RedisError, OSError) as exc:  # a report is news, not the job's outcome
+                log.warning("job %s: progress not recorded (%s)", job.id, exc)
+                return False
+
+        def report(fraction: float, message: str) -> Awaitable[bool]:
+            if on_loop:
+                write = loop.create_task(record(fraction, message))
+                self._reports.add(write)  # held until done, awaited or not
+                write.add_done_callback(self._reports.discard)
+                return write
+            written = asyncio.run_coroutine_threadsafe(record(fraction, message), loop)
+            return Reported(written.result())
+
+        return report
 
     async def _failed(self, job: Job, error: JobError) -> JobState | None:
         log.info("job %s (%s) failed: %s: %s", job.id, job.task, error.type, error.message)

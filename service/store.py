@@ -125,7 +125,7 @@ class JobStore:
             redis,
             {
                 name: (LUA_DIR / f"{name}.lua").read_text()
-                for name in ("create", "transition", "begin", "list")
+                for name in ("create", "transition", "begin", "list", "progress")
             },
             group=group_commit,
         )
@@ -142,7 +142,7 @@ class JobStore:
         if once is not None and len(jobs) != 1:
             raise ValueError("an Idempotency-Key stands for one job")
         script_keys: list[str] = [keys.JOBS, keys.STATS]
-        args: list[Any] = [keys.job("")]
+        args: list[Any] = [keys.job(""), keys.SUBMITTED]
         for job in jobs:
             where = dispatch(job)
             fields = job.to_hash()
@@ -249,6 +249,15 @@ class JobStore:
             job_id, state, {"error": json.dumps(error.to_json()), "finished_at": now_iso()}
         )
         return moved
+
+    async def progress(self, job: Job, fraction: float, message: str) -> bool:
+        """Record and publish a progress report of ``job``'s running attempt; False when
+        that attempt no longer runs (cancelled, finished, or begun again elsewhere)."""
+        report = json.dumps({"fraction": fraction, "message": message})
+        done = await self.batch.script(
+            "progress", [keys.job(job.id)], [job.id, job.attempt_id, report, keys.EVENTS]
+        )
+        return bool(done)
 
     async def cancel(self, job_id: str) -> tuple[bool, JobState | None]:
         """Cancel a job that has not finished; a running one's holder is told to stop."""

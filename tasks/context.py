@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
+from typing import Any
+
+#: Longer progress messages are cut to this many characters.
+MAX_PROGRESS_MESSAGE = 200
+
+
+class Reported:
+    """A progress report already written (a sync task's): awaiting it gives at once whether
+    Redis took it, and so does ``bool()``."""
+
+    def __init__(self, recorded: bool) -> None:
+        self.recorded = recorded
+
+    def __bool__(self) -> bool:
+        return self.recorded
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self.recorded
+        yield  # a generator, so that awaiting it never suspends
+
+
+def _no_reports(_fraction: float, _message: str) -> Awaitable[bool]:
+    return Reported(False)
 
 
 @dataclass
@@ -13,7 +37,25 @@ class TaskContext:
     #: 1 on the first attempt, 2 when the job is run again, and so on.
     attempt: int
     _cancelled: Callable[[], bool] = field(default=lambda: False, repr=False)
+    _report: Callable[[float, str], Awaitable[bool]] = field(default=_no_reports, repr=False)
 
     def cancelled(self) -> bool:
         """Whether the job was cancelled; long loops that cannot be interrupted poll this."""
         return self._cancelled()
+
+    def progress(self, fraction: float, message: str = "") -> Awaitable[bool]:
+        """Report how far the job has got: ``fraction`` from 0 to 1, and a short message.
+
+        The job's record shows it as ``progress`` and its event streams push it. An async
+        task awaits the call (``await ctx.progress(0.5, "halfway")``); in a sync task the
+        call itself waits until Redis has the report. Either way the answer is whether
+        it was recorded: False once the job no longer runs here (cancelled, say). Each
+        report is one Redis write: report steps, not every loop turn.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise TypeError(f"progress fraction must be a number, not {type(fraction).__name__}")
+        if not math.isfinite(fraction) or not 0 <= fraction <= 1:
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+        if not isinstance(message, str):
+            raise TypeError(f"progress message must be a str, not {type(message).__name__}")
+        return self._report(float(fraction), message[:MAX_PROGRESS_MESSAGE])

@@ -148,3 +148,43 @@ def dask_until_cancelled(ctx: TaskContext) -> str:
 def gpu_env() -> dict[str, Any]:
     """Which device this gpu worker child was pinned to, and which child it is."""
     return {"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+
+
+# --- progress reports --------------------------------------------------------------------
+
+
+@task("test.io_progress", kind="io")
+async def io_progress(message: str, ctx: TaskContext) -> bool:
+    """Once the test says go, report half done with ``message``, say so, and wait for
+    release; returns whether the report was recorded."""
+    await _redis().blpop([f"test:go:{ctx.job_id}"], timeout=120)
+    recorded = await ctx.progress(0.5, message)
+    await _redis().rpush(f"test:started:{ctx.job_id}", ctx.attempt)
+    await _redis().blpop([f"test:release:{ctx.job_id}"], timeout=120)
+    return recorded
+
+
+def _sync_progress(ctx: TaskContext) -> bool:
+    recorded = bool(ctx.progress(0.25, f"a quarter, pid {os.getpid()}"))
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
+    return recorded
+
+
+@task("test.cpu_progress", kind="cpu")
+def cpu_progress(ctx: TaskContext) -> bool:
+    """``_sync_progress`` in a Celery worker child."""
+    return _sync_progress(ctx)
+
+
+@task("test.ray_progress", kind="heavy")
+def ray_progress(ctx: TaskContext) -> bool:
+    """``_sync_progress`` in a Ray task."""
+    return _sync_progress(ctx)
+
+
+@task("test.bad_progress", kind="io")
+async def bad_progress(fraction: float, ctx: TaskContext) -> None:
+    """Report a progress ``fraction`` that may be out of range."""
+    await ctx.progress(fraction)

@@ -543,3 +543,16 @@ async def test_a_dispatcher_of_another_corefleet_version_is_replaced(
         assert info["version"] == corefleet_version() and info["serving"]
     finally:
         ray.kill(handle, no_restart=True)
+
+
+async def test_a_ray_task_reports_progress(heavy_gateway: Gateway, redis: aioredis.Redis) -> None:
+    """``ctx.progress`` from inside a Ray task reaches the record while the job runs."""
+    job = await heavy_gateway.submit("test.ray_progress")
+    _, started = await redis.blpop([f"test:started:{job['id']}"], timeout=120)  # type: ignore[misc]
+    pid = started.split(":")[1]
+    status, running = await heavy_gateway.call("GET", f"/v1/jobs/{job['id']}")
+    assert status == 200 and running["state"] == "running"
+    assert running["progress"] == {"fraction": 0.25, "message": f"a quarter, pid {pid}"}
+    await redis.rpush(f"test:release:{job['id']}", 1)
+    done = await heavy_gateway.wait(job["id"], 60)
+    assert done["state"] == "succeeded" and done["result"] is True

@@ -36,6 +36,7 @@ if attempts > max_attempts then
 end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
            'attempt_id', ARGV[7])
+redis.call('HDEL', KEYS[1], 'progress')  -- a new attempt reports its own
 redis.call('HINCRBY', KEYS[2], 'begun' .. counted, 1)
 redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'running', from = current}))
 local out = redis.call('HGETALL', KEYS[1])

@@ -4,6 +4,8 @@
 -- KEYS     then per job, in order: its hash, then its queue (a stream or a list); then,
 --          for a submit with an Idempotency-Key (one job), the key's record
 -- ARGV[1]  the prefix of job hashes (the hash of job ID is prefix .. ID)
+-- ARGV[2]  the channel that announces new jobs: one message per call, {"state": "queued",
+--          "ids": [...]}, for live views (only they subscribe, so a submit stays cheap)
 -- ARGV     then per job, in order: op, value, n, then n field/value pairs; then, with a
 --          key: the job's id, the request's fingerprint and the key's TTL in seconds
 --   op "xadd": add an entry holding the job's id (value) to the stream
@@ -23,7 +25,7 @@ local launch_fields = {task = true, kind = true, engine = true, queue = true,
 -- meets some, and each new job samples this many, which keeps the stale entries at about
 -- as many as the live ones at most, however many jobs expire.
 local INDEX_SAMPLE = 2
-local index, stats, prefix = KEYS[1], KEYS[2], ARGV[1]
+local index, stats, prefix, announce = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local jobs = math.floor((#KEYS - 2) / 2)
 local once = (#KEYS - 2) % 2 == 1 and KEYS[#KEYS] or nil
 local tail = #ARGV - 2  -- where the key's arguments start, when there is a key
@@ -39,7 +41,8 @@ if once then
     end
   end
 end
-local a = 2
+local a = 3
+local created = {}
 for k = 3, 2 + 2 * jobs, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   if redis.call('EXISTS', KEYS[k]) == 0 then
@@ -54,7 +57,9 @@ for k = 3, 2 + 2 * jobs, 2 do
       if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', index, old) end
     end
     redis.call('HSET', KEYS[k], unpack(fields))
-    redis.call('ZADD', index, 0, string.sub(KEYS[k], #prefix + 1))
+    local id = string.sub(KEYS[k], #prefix + 1)
+    redis.call('ZADD', index, 0, id)
+    created[#created + 1] = id
     if op == 'xadd' then
       redis.call('XADD', KEYS[k + 1], '*', 'id', value)
     elseif op == 'xadd-job' then
@@ -71,6 +76,9 @@ for k = 3, 2 + 2 * jobs, 2 do
     end
   end
   a = a + 3 + 2 * n
+end
+if #created > 0 then
+  redis.call('PUBLISH', announce, cjson.encode({state = 'queued', ids = created}))
 end
 if once then
   redis.call('SET', once, ARGV[tail] .. ' ' .. ARGV[tail + 1], 'EX', tonumber(ARGV[tail + 2]))

@@ -1,0 +1,254 @@
+// corefleet's dashboard: the public API, pushed by GET /v1/events; no polling.
+// Every value from the API is rendered with textContent, never as markup.
+"use strict";
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled", "dead"]);
+const PAGE = 50; // jobs listed
+const rows = new Map(); // job id -> {tr, job}
+let selected = null; // the job id shown in the detail pane
+let reloading = false; // a listing is on its way
+let changedMeanwhile = false; // events arrived while it was
+let reloadTimer = null;
+let queuesTimer = null;
+
+const $ = (id) => document.getElementById(id);
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = data.error || {};
+    throw new Error(`${response.status} ${error.code || ""}: ${error.message || response.statusText}`);
+  }
+  return data;
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  if (className) td.className = className;
+  td.textContent = text;
+  return td;
+}
+
+function stateCell(state) {
+  const td = document.createElement("td");
+  const badge = document.createElement("span");
+  badge.className = `state state-${state}`;
+  badge.textContent = state;
+  td.append(badge);
+  return td;
+}
+
+function progressCell(progress) {
+  const td = document.createElement("td");
+  td.className = "progress";
+  if (progress) {
+    const bar = document.createElement("progress");
+    bar.max = 1;
+    bar.value = progress.fraction;
+    const label = document.createElement("span");
+    label.className = "progress-message";
+    label.textContent = ` ${Math.round(progress.fraction * 100)}% ${progress.message || ""}`;
+    td.append(bar, label);
+  }
+  return td;
+}
+
+const clock = (iso) => (iso ? new Date(iso).toLocaleTimeString() : "");
+
+function render(job) {
+  const entry = rows.get(job.id);
+  const tr = entry ? entry.tr : document.createElement("tr");
+  tr.dataset.id = job.id;
+  tr.dataset.state = job.state;
+  tr.classList.toggle("selected", job.id === selected);
+  tr.replaceChildren(
+    cell(job.id, "id"), cell(job.task, "task"), cell(job.engine), cell(job.queue),
+    stateCell(job.state), cell(String(job.attempts)), progressCell(job.progress),
+    cell(clock(job.created_at)), cell(clock(job.finished_at)),
+  );
+  rows.set(job.id, { tr, job });
+  return tr;
+}
+
+async function reloadJobs() {
+  reloadTimer = null;
+  reloading = true;
+  changedMeanwhile = false;
+  try {
+    const state = $("state-filter").value;
+    const query = new URLSearchParams({ limit: String(PAGE) });
+    if (state) query.set("state", state);
+    const page = await api("GET", `/v1/jobs?${query}`);
+    rows.clear();
+    $("jobs").tBodies[0].replaceChildren(...page.jobs.map(render));
+    $("jobs-empty").hidden = page.jobs.length > 0;
+  } catch (error) {
+    console.warn("listing jobs failed", error);
+  } finally {
+    reloading = false;
+  }
+  if (changedMeanwhile) scheduleReload(); // the page may predate what the events said
+}
+
+function scheduleReload() {
+  if (reloading) changedMeanwhile = true;
+  else if (reloadTimer === null) reloadTimer = setTimeout(reloadJobs, 200);
+}
+
+async function reloadQueues() {
+  queuesTimer = null;
+  try {
+    const { engines } = await api("GET", "/v1/queues");
+    const body = [];
+    for (const [name, engine] of Object.entries(engines)) {
+      const queues = Object.entries(engine.queues || {});
+      if (queues.length === 0) queues.push(["", {}]);
+      for (const [queue, numbers] of queues) {
+        const tr = document.createElement("tr");
+        tr.dataset.engine = name;
+        tr.append(
+          cell(name), cell(engine.state + (engine.problem ? ` (${engine.problem})` : "")),
+          cell(queue), cell(String(numbers.waiting ?? "")), cell(String(numbers.running ?? "")),
+          cell(String(numbers.workers ?? "")),
+        );
+        body.push(tr);
+      }
+    }
+    $("engines").tBodies[0].replaceChildren(...body);
+  } catch (error) {
+    console.warn("reading the queues failed", error);
+  }
+}
+
+function scheduleQueues() {
+  if (queuesTimer === null) queuesTimer = setTimeout(reloadQueues, 1000);
+}
+
+async function reloadTasks() {
+  const { tasks } = await api("GET", "/v1/tasks");
+  $("task").replaceChildren(
+    ...tasks.map((task) => {
+      const option = document.createElement("option");
+      option.value = task.name;
+      option.textContent = `${task.name} (${task.kind})`;
+      return option;
+    }),
+  );
+}
+
+async function refreshJob(id) {
+  try {
+    const job = await api("GET", `/v1/jobs/${encodeURIComponent(id)}`);
+    if (rows.has(id)) render(job);
+    if (id === selected) showDetail(job);
+  } catch (error) {
+    console.warn("reading job", id, "failed", error);
+  }
+}
+
+function onChange(change) {
+  scheduleQueues();
+  if (reloading) changedMeanwhile = true;
+  const entry = rows.get(change.id);
+  const filter = $("state-filter").value;
+  if (!entry) {
+    if (!filter || filter === change.state) scheduleReload();
+    return;
+  }
+  if (filter && filter !== change.state) {
+    scheduleReload(); // it left the filtered view
+    return;
+  }
+  const job = entry.job;
+  if (change.state !== job.state) job.progress = null; // a new state starts without it
+  job.state = change.state;
+  if (change.progress) job.progress = change.progress;
+  render(job);
+  if (TERMINAL.has(change.state) || change.id === selected) refreshJob(change.id);
+}
+
+function showDetail(job) {
+  selected = job.id;
+  for (const { tr } of rows.values()) tr.classList.toggle("selected", tr.dataset.id === job.id);
+  $("detail").hidden = false;
+  $("detail-id").textContent = job.id;
+  $("record").textContent = JSON.stringify(job, null, 2);
+  $("cancel").disabled = TERMINAL.has(job.state);
+}
+
+function reloadAll() {
+  reloadJobs();
+  reloadQueues();
+  if (selected) refreshJob(selected);
+}
+
+function connect() {
+  const events = new EventSource("/v1/events");
+  events.onopen = () => {
+    $("live").textContent = "live";
+    $("live").classList.remove("off");
+    reloadAll(); // read after the stream is open: nothing falls between the two
+  };
+  events.onerror = () => {
+    $("live").textContent = "reconnecting";
+    $("live").classList.add("off");
+  };
+  events.addEventListener("job", (event) => onChange(JSON.parse(event.data)));
+  events.addEventListener("resync", reloadAll);
+}
+
+function parseField(id, kind) {
+  const text = $(id).value.trim() || (kind === "array" ? "[]" : "{}");
+  const value = JSON.parse(text);
+  const ok = kind === "array" ? Array.isArray(value) : value !== null && typeof value === "object" && !Array.isArray(value);
+  if (!ok) throw new Error(`${id} must be a JSON ${kind}`);
+  return value;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const out = $("submit-result");
+  out.classList.remove("error");
+  try {
+    const body = { task: $("task").value, args: parseField("args", "array"), kwargs: parseField("kwargs", "object") };
+    const job = await api("POST", "/v1/jobs", body);
+    out.textContent = `accepted ${job.id}`;
+    out.dataset.id = job.id;
+  } catch (error) {
+    out.textContent = error.message;
+    out.classList.add("error");
+  }
+}
+
+async function cancelSelected() {
+  const out = $("cancel-result");
+  out.classList.remove("error");
+  try {
+    const job = await api("DELETE", `/v1/jobs/${encodeURIComponent(selected)}`);
+    out.textContent = `${job.id} ${job.state}`;
+    showDetail(job);
+  } catch (error) {
+    out.textContent = error.message;
+    out.classList.add("error");
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("jobs").tBodies[0].addEventListener("click", (event) => {
+    const tr = event.target.closest("tr");
+    if (!tr) return;
+    selected = tr.dataset.id;
+    refreshJob(selected);
+  });
+  $("state-filter").addEventListener("change", reloadJobs);
+  $("submit-form").addEventListener("submit", submit);
+  $("cancel").addEventListener("click", cancelSelected);
+  reloadTasks().catch((error) => console.warn("reading the tasks failed", error));
+  connect();
+});
