@@ -34,7 +34,7 @@ from service.errors import (
     JobNotFound,
     StoreUnavailable,
 )
-from service.events import EventHub, Watch
+from service.events import EventHub, Feed, Watch
 from service.jobs import Job, JobState
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import HttpMetrics, render
@@ -397,25 +397,32 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         if job is None:
             raise JobNotFound(f"no job has id {job_id}", {"id": job_id})
         response = await _open_stream(request)
-        sent: JobState | None = None
-        sent_progress: dict[str, Any] | None = None
-        while job is not None:
-            changed.clear()
-            if job.state is not sent:
-                await response.write(_sse("state", job.to_api()))
-                sent, sent_progress = job.state, job.progress
-            elif job.progress is not None and job.progress != sent_progress:
-                await response.write(_sse("progress", {"id": job.id, **job.progress}))
-                sent_progress = job.progress
-            if job.state.terminal:
-                break
-            try:
-                await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-            job = await store.get(job_id)
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # the client left: nothing to say
+            await _stream_job(response, job, changed, store)
         return response
+
+
+async def _stream_job(
+    response: web.StreamResponse, job: Job | None, changed: Watch, store: JobStore
+) -> None:
+    sent: JobState | None = None
+    sent_progress: dict[str, Any] | None = None
+    while job is not None:
+        changed.clear()
+        if job.state is not sent:
+            await response.write(_sse("state", job.to_api()))
+            sent, sent_progress = job.state, job.progress
+        elif job.progress is not None and job.progress != sent_progress:
+            await response.write(_sse("progress", {"id": job.id, **job.progress}))
+            sent_progress = job.progress
+        if job.state.terminal:
+            break
+        try:
+            await asyncio.wait_for(changed.wait(), SSE_KEEPALIVE_S)
+        except TimeoutError:
+            await response.write(b": keep-alive\n\n")
+        job = await store.get(job.id)
+    await response.write_eof()
 
 
 #: How long ``GET /v1/events`` waits for Redis to confirm its subscriptions.
@@ -433,19 +440,25 @@ async def all_events(request: web.Request) -> web.StreamResponse:
         except TimeoutError:
             raise StoreUnavailable("cannot subscribe to job events now; try again") from None
         response = await _open_stream(request)
-        while True:
-            try:
-                await asyncio.wait_for(feed.wake.wait(), SSE_KEEPALIVE_S)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            feed.wake.clear()
-            if feed.missed:
-                feed.missed = False
-                await response.write(_sse("resync", {}))
-            news = [_sse("job", feed.pending.popleft()) for _ in range(len(feed.pending))]
-            if news:
-                await response.write(b"".join(news))
+        with contextlib.suppress(ConnectionResetError):  # the client left: nothing to say
+            await _stream_feed(response, feed)
+        return response
+
+
+async def _stream_feed(response: web.StreamResponse, feed: Feed) -> None:
+    while True:
+        try:
+            await asyncio.wait_for(feed.wake.wait(), SSE_KEEPALIVE_S)
+        except TimeoutError:
+            await response.write(b": keep-alive\n\n")
+            continue
+        feed.wake.clear()
+        if feed.missed:
+            feed.missed = False
+            await response.write(_sse("resync", {}))
+        news = [_sse("job", feed.pending.popleft()) for _ in range(len(feed.pending))]
+        if news:
+            await response.write(b"".join(news))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
