@@ -158,6 +158,7 @@ class Stack:
             [
                 "corefleet is up",
                 f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
+                f"  dashboard  {base}/dashboard",
                 f"  redis      {self.redis_url}  ({self.redis_origin})",
                 f"  io worker  embedded in the gateway"
                 f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",

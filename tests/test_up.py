@@ -42,6 +42,8 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         assert (tmp_path / "data" / "redis").is_dir()
         tree = process_tree(proc.pid)
         assert f"flower     http://127.0.0.1:{flower_port}" in banner
+        assert f"dashboard  {url}/dashboard" in banner
+        assert http_ok(f"{url}/dashboard")
         # No GPU here: up says so, and its gpu worker runs gpu jobs on the CPU fallback.
         assert "no GPU found: gpu jobs run on the CPU" in banner
         assert http_ok(f"http://127.0.0.1:{flower_port}/healthcheck")
