@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from service import ids
+from service import ids, keys
 from service.dashboard import Dashboard
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, ensure_group, io_worker
@@ -41,6 +41,7 @@ from service.metrics import HttpMetrics, render
 from service.middleware import json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
+from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import JobQuery, JobStore, connect
 from service.submit import Submitter
@@ -74,6 +75,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.cleanup_ctx.append(_engines_ctx)
     # Before the io worker, so that it stops (told at shutdown) while the io worker does.
     app.cleanup_ctx.append(_heavy_ctx)
+    app.cleanup_ctx.append(_scheduler_ctx)
     app.on_shutdown.append(_stop_heavy)
     if settings.gateway.embedded_io_worker:
         app.cleanup_ctx.append(_io_worker_ctx)
@@ -156,6 +158,16 @@ async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     dispatcher.stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Every gateway queues delayed jobs as they come due (release is once per job).
+    engines: dict[str, Engine] = app[ENGINES]
+    stop = asyncio.Event()
+    task = asyncio.create_task(Scheduler(app[STORE], engines).run(stop))
+    yield
+    stop.set()
+    await task
 
 
 async def _stop_heavy(app: web.Application) -> None:
@@ -489,8 +501,10 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def list_queues(request: web.Request) -> web.Response:
-    """Each engine's state, and depth, running jobs and workers per queue."""
-    return web.json_response({"engines": await _engine_statuses(request.app)})
+    """Each engine's state, and depth, running jobs and workers per queue; and how many
+    jobs wait for their time (``delay_s``, or the backoff before a retry)."""
+    delayed = await request.app[REDIS].zcard(keys.DELAYED)
+    return web.json_response({"engines": await _engine_statuses(request.app), "delayed": delayed})
 
 
 async def _engine_statuses(app: web.Application) -> dict[str, dict[str, Any]]:

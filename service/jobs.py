@@ -58,7 +58,12 @@ def can_move(src: JobState, dst: JobState) -> bool:
 
 def now_iso() -> str:
     """The current UTC time as the API writes it: ISO 8601, milliseconds, ``Z``."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(datetime.now(UTC))
+
+
+def iso(moment: datetime) -> str:
+    """``moment`` (aware) as the API writes times."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class Job:
     created_at: str = ""
     started_at: str | None = None
     finished_at: str | None = None
+    #: When a delayed job (option ``delay_s``) or a job waiting to be retried is due: it
+    #: is put on its queue then. None for a job queued at once.
+    run_at: str | None = None
     #: What the running attempt last reported through ``ctx.progress``: ``{"fraction",
     #: "message"}``, or None. A new attempt starts without it.
     progress: dict[str, Any] | None = None
@@ -118,6 +126,8 @@ class Job:
         }
         if self.timeout_s is not None:
             out["timeout_s"] = repr(self.timeout_s)
+        if self.run_at is not None:
+            out["run_at"] = self.run_at
         return out
 
     @classmethod
@@ -145,6 +155,7 @@ class Job:
             created_at=data.get("created_at", ""),
             started_at=data.get("started_at"),
             finished_at=data.get("finished_at"),
+            run_at=data.get("run_at"),
             progress=data.get("progress"),
             attempt_id=data.get("attempt_id", ""),
         )
@@ -169,6 +180,7 @@ class Job:
             created_at=payload.get("created_at", ""),
             started_at=payload.get("started_at"),
             finished_at=payload.get("finished_at"),
+            run_at=payload.get("run_at"),
             progress=payload.get("progress"),
         )
 
@@ -191,6 +203,7 @@ class Job:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "run_at": self.run_at,
             "progress": self.progress,
             "links": {"self": f"/v1/jobs/{self.id}", "events": f"/v1/jobs/{self.id}/events"},
         }

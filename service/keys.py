@@ -18,6 +18,10 @@ JOBS = PREFIX + "jobs"
 #: Hash of job counters for /metrics: "event<TAB>engine<TAB>task" -> count, where event is
 #: "submitted", "begun" (an attempt started) or the terminal state a job reached.
 STATS = PREFIX + "stats"
+#: Sorted set of the ids of jobs waiting for their time (a ``delay_s``, or the backoff
+#: before a retry), scored by when each is due (Unix milliseconds). Gateways put each on
+#: its queue when it is due.
+DELAYED = PREFIX + "delayed"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"
 

@@ -26,6 +26,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _JOB_EVENTS = {
     "submitted": ("corefleet_jobs_submitted_total", "Jobs stored and queued."),
     "begun": ("corefleet_job_attempts_total", "Attempts begun (a job run again counts again)."),
+    "retried": (
+        "corefleet_job_retries_total",
+        "Attempts that raised a retryable error: the job runs again after a backoff.",
+    ),
 }
 _FINISHED = (
     "corefleet_jobs_finished_total",
@@ -93,6 +97,7 @@ async def render(
 ) -> str:
     """The whole exposition: job counters, queue gauges and HTTP metrics."""
     raw: dict[str, str] = await redis.hgetall(keys.STATS)  # type: ignore[misc]  # redis-py
+    delayed = await redis.zcard(keys.DELAYED)
     lines: list[str] = []
     by_metric: dict[str, list[tuple[dict[str, str], float]]] = {}
     for field, count in raw.items():
@@ -106,6 +111,12 @@ async def render(
     for name, help_text in (*_JOB_EVENTS.values(), _FINISHED):
         lines += _family(name, "counter", help_text, by_metric.get(name, []))
     lines += _queue_gauges(engines)
+    lines += _family(
+        "corefleet_jobs_delayed",
+        "gauge",
+        "Jobs waiting for their time (delay_s, or the backoff before a retry).",
+        [({}, float(delayed))],
+    )
     lines += _http(http)
     return "\n".join(lines) + "\n"
 
@@ -170,6 +181,8 @@ def _family(
 
 
 def _labels(labels: Mapping[str, str]) -> str:
+    if not labels:
+        return ""
     inner = ",".join(f'{key}="{_escape(value)}"' for key, value in labels.items())
     return "{" + inner + "}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.jobs import JobState
+from service.submit import MAX_DELAY_S
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -49,6 +50,12 @@ _SUBMIT = {
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                 "require_worker": {"type": "boolean"},
+                "delay_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "maximum": MAX_DELAY_S,
+                    "description": "Queue the job this many seconds from now",
+                },
                 "resources": {
                     "type": "object",
                     "additionalProperties": False,
@@ -85,6 +92,11 @@ _JOB = {
         "created_at": {"type": "string", "format": "date-time"},
         "started_at": {"type": ["string", "null"], "format": "date-time"},
         "finished_at": {"type": ["string", "null"], "format": "date-time"},
+        "run_at": {
+            "type": ["string", "null"],
+            "format": "date-time",
+            "description": "When a delayed job, or one waiting to be retried, is due",
+        },
         "progress": {
             "type": ["object", "null"],
             "description": "The running attempt's last ctx.progress report",

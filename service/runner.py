@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from service.jobs import Job, JobError, JobState
 from service.store import JobStore
-from tasks import Registry, TaskContext, TaskSpec
+from tasks import Registry, Retry, TaskContext, TaskSpec
 from tasks.context import Reported
 
 log = logging.getLogger("corefleet.runner")
@@ -70,7 +70,7 @@ class JobRunner:
         except TimeLimitExceeded as exc:
             return await self._failed(job, JobError("TimeLimitExceeded", str(exc)))
         except Exception as exc:
-            return await self._failed(job, error_of(exc))
+            return await self._failed(job, error_of(exc), retry_delay(spec, job, exc))
         try:
             result_json = json.dumps(value)
         except (TypeError, ValueError) as exc:
@@ -143,11 +143,38 @@ class JobRunner:
 
         return report
 
-    async def _failed(self, job: Job, error: JobError) -> JobState | None:
-        log.info("job %s (%s) failed: %s: %s", job.id, job.task, error.type, error.message)
-        if await self.store.fail(job.id, error):
-            return JobState.FAILED
+    async def _failed(
+        self, job: Job, error: JobError, retry_in: float | None = None
+    ) -> JobState | None:
+        """End the attempt: failed; with ``retry_in``, retrying after that many seconds,
+        or dead when this was the job's last attempt."""
+        if retry_in is None:
+            state = JobState.FAILED
+        elif job.attempts < job.max_attempts:
+            log.info(
+                "job %s (%s) will be retried in %.1f s: %s: %s",
+                job.id,
+                job.task,
+                retry_in,
+                error.type,
+                error.message,
+            )
+            return JobState.RETRYING if await self.store.retry(job, error, retry_in) else None
+        else:
+            state = JobState.DEAD
+        log.info("job %s (%s) %s: %s: %s", job.id, job.task, state.value, error.type, error.message)
+        if await self.store.fail(job.id, error, state):
+            return state
         return None
+
+
+def retry_delay(spec: TaskSpec, job: Job, exc: Exception) -> float | None:
+    """Seconds until the job should run again after ``exc``; None when ``exc`` fails it."""
+    if isinstance(exc, Retry):
+        return exc.delay_s if exc.delay_s is not None else spec.retry_delay(job.attempts)
+    if spec.retry_on and isinstance(exc, spec.retry_on):
+        return spec.retry_delay(job.attempts)
+    return None
 
 
 def error_of(exc: BaseException) -> JobError:

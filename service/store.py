@@ -7,8 +7,10 @@ half-written job and two writers never both win a transition.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import ids, keys
 from service.batching import Batcher
-from service.jobs import ALLOWED_FROM, Job, JobError, JobState, now_iso
+from service.jobs import ALLOWED_FROM, Job, JobError, JobState, iso, now_iso
 from service.settings import DEFAULT_IDEMPOTENCY_TTL_S
 
 LUA_DIR = Path(__file__).parent / "lua"
@@ -57,10 +59,10 @@ def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
 @dataclass(frozen=True)
 class Dispatch:
     """Where a new job's queue entry goes: ``xadd`` its id to a stream (``xadd-job``: with
-    what a cluster dispatcher launches it with), or ``lpush`` a message to a list (Celery's
-    queues)."""
+    what a cluster dispatcher launches it with), ``lpush`` a message to a list (Celery's
+    queues), or ``delay``: onto the delayed set, due at ``value`` (Unix ms)."""
 
-    op: Literal["xadd", "xadd-job", "lpush"]
+    op: Literal["xadd", "xadd-job", "lpush", "delay"]
     key: str
     value: str
 
@@ -108,6 +110,11 @@ class Begun:
     reason: str = ""
 
 
+def _unix_ms(moment: str) -> int:
+    """An API time (ISO 8601) as Unix milliseconds, the delayed set's scores."""
+    return int(datetime.fromisoformat(moment).timestamp() * 1000)
+
+
 class JobStore:
     def __init__(
         self,
@@ -125,7 +132,15 @@ class JobStore:
             redis,
             {
                 name: (LUA_DIR / f"{name}.lua").read_text()
-                for name in ("create", "transition", "begin", "list", "progress")
+                for name in (
+                    "create",
+                    "transition",
+                    "begin",
+                    "list",
+                    "progress",
+                    "retry",
+                    "release",
+                )
             },
             group=group_commit,
         )
@@ -144,7 +159,9 @@ class JobStore:
         script_keys: list[str] = [keys.JOBS, keys.STATS]
         args: list[Any] = [keys.job(""), keys.SUBMITTED]
         for job in jobs:
-            where = dispatch(job)
+            where = dispatch(job)  # also for a delayed job: it refuses what it cannot run
+            if job.run_at is not None:
+                where = Dispatch("delay", keys.DELAYED, str(_unix_ms(job.run_at)))
             fields = job.to_hash()
             script_keys += [keys.job(job.id), where.key]
             args += [where.op, where.value, len(fields)]
@@ -198,7 +215,9 @@ class JobStore:
     async def begin(self, job_id: str, worker: str) -> Begun:
         """Count an attempt and mark the job running, unless it must not run."""
         reply = await self.batch.script(
-            "begin", [keys.job(job_id), keys.STATS], self._begin_args(job_id, worker)
+            "begin",
+            [keys.job(job_id), keys.STATS, keys.DELAYED],
+            self._begin_args(job_id, worker),
         )
         if reply[0] != "run":
             return Begun(None, reply[1] if len(reply) > 1 else reply[0])
@@ -256,6 +275,47 @@ class JobStore:
         report = json.dumps({"fraction": fraction, "message": message})
         done = await self.batch.script(
             "progress", [keys.job(job.id)], [job.id, job.attempt_id, report, keys.EVENTS]
+        )
+        return bool(done)
+
+    async def retry(self, job: Job, error: JobError, delay_s: float) -> bool:
+        """Set ``job``'s running attempt aside as ``retrying``, due again in ``delay_s``;
+        False when that attempt no longer runs (cancelled meanwhile, say)."""
+        due = time.time() + delay_s
+        run_at = iso(datetime.fromtimestamp(due, UTC))
+        done = await self.batch.script(
+            "retry",
+            [keys.job(job.id), keys.DELAYED, keys.STATS],
+            [
+                job.id,
+                job.attempt_id,
+                json.dumps(error.to_json()),
+                run_at,
+                _unix_ms(run_at),
+                keys.EVENTS,
+            ],
+        )
+        return bool(done)
+
+    async def due(self, limit: int) -> tuple[list[tuple[str, int]], float | None]:
+        """Up to ``limit`` delayed jobs whose time has come, as (id, when it was due in
+        Unix ms), and the seconds until the next one that is not yet due (None: none)."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.DELAYED, "-inf", now_ms, start=0, num=limit, withscores=True)
+        pipe.zrangebyscore(keys.DELAYED, f"({now_ms}", "+inf", start=0, num=1, withscores=True)
+        ready, upcoming = await pipe.execute()
+        wait = (upcoming[0][1] - now_ms) / 1000 if upcoming else None
+        return [(job_id, int(score)) for job_id, score in ready], wait
+
+    async def release(self, job_id: str, due_ms: int, where: Dispatch) -> bool:
+        """Queue a delayed job that was due at ``due_ms``, unless another gateway did, it
+        no longer waits, or it was set aside again for a later time. A cluster's
+        dispatcher reads the record of a job queued this way."""
+        op = "lpush" if where.op == "lpush" else "xadd"
+        value = job_id if op == "xadd" else where.value
+        done = await self.batch.script(
+            "release", [keys.DELAYED, keys.job(job_id), where.key], [job_id, op, value, due_ms]
         )
         return bool(done)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service import ids, keys, presence
@@ -21,7 +23,7 @@ from service.errors import (
     InvalidBody,
     UnknownTask,
 )
-from service.jobs import Job, now_iso
+from service.jobs import Job, iso
 from service.store import JobStore, Once
 from tasks import Registry, bind_arguments
 
@@ -30,7 +32,9 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 #: The job options a submit may carry.
-OPTIONS = ("max_attempts", "queue", "require_worker", "resources", "timeout_s")
+OPTIONS = ("delay_s", "max_attempts", "queue", "require_worker", "resources", "timeout_s")
+#: The longest ``delay_s``: 30 days.
+MAX_DELAY_S = 30 * 24 * 3600
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +59,14 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         raise InvalidBody(f"options.queue must not start with {keys.PREFIX!r} (corefleet's own)")
     if not isinstance(options.get("require_worker", False), bool):
         raise InvalidBody("options.require_worker must be true or false")
+    delay = options.get("delay_s")
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, (int, float))
+        or not math.isfinite(delay)
+        or not 0 <= delay <= MAX_DELAY_S
+    ):
+        raise InvalidBody(f"options.delay_s must be a number of seconds from 0 to {MAX_DELAY_S}")
     return options
 
 
@@ -100,6 +112,8 @@ class Submitter:
                 f"the {engine} engine is not enabled on this gateway", {"engine": engine}
             )
         timeout = options.get("timeout_s", spec.timeout_s)
+        now = datetime.now(UTC)
+        delay = options.get("delay_s", 0)
         return Job(
             id=ids.new_id(),
             task=name,
@@ -111,7 +125,8 @@ class Submitter:
             options=options,
             max_attempts=options.get("max_attempts", spec.max_attempts),
             timeout_s=float(timeout) if timeout is not None else None,
-            created_at=now_iso(),
+            created_at=iso(now),
+            run_at=iso(now + timedelta(seconds=delay)) if delay > 0 else None,
         )
 
     async def _require_worker(self, job: Job) -> None:

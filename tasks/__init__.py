@@ -11,15 +11,16 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import random
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tasks.context import TaskContext
+from tasks.context import Retry, TaskContext
 
-__all__ = ["BUILTIN_MODULES", "Registry", "TaskContext", "TaskSpec", "task"]
+__all__ = ["BUILTIN_MODULES", "Registry", "Retry", "TaskContext", "TaskSpec", "task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,18 @@ class TaskSpec:
     max_retries: int
     #: Engine resources (Ray: num_cpus, num_gpus, memory).
     resources: dict[str, float] = field(default_factory=dict)
+    #: Exceptions after which a job is run again (while it has attempts left), not failed.
+    retry_on: tuple[type[BaseException], ...] = ()
+    #: The wait before the first retry; it doubles for each one after, up to the maximum.
+    retry_backoff_s: float = 1.0
+    retry_backoff_max_s: float = 300.0
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): the backoff for
+        that attempt, of which a random half is taken off, so that jobs failing together
+        (a service down) do not all come back at the same moment."""
+        full = min(self.retry_backoff_max_s, self.retry_backoff_s * 2.0 ** (attempt - 1))
+        return full / 2 + random.uniform(0, full / 2)
 
     @property
     def is_async(self) -> bool:
@@ -81,6 +94,9 @@ class TaskSpec:
             "queue": self.queue,
             "timeout_s": self.timeout_s,
             "max_retries": self.max_retries,
+            "retry_on": [exc.__name__ for exc in self.retry_on],
+            "retry_backoff_s": self.retry_backoff_s,
+            "retry_backoff_max_s": self.retry_backoff_max_s,
             "resources": self.resources,
             "parameters": params,
             "doc": inspect.getdoc(self.fn) or "",
@@ -96,11 +112,16 @@ def task(
     timeout_s: float | None = None,
     max_retries: int = 2,
     resources: dict[str, float] | None = None,
+    retry_on: tuple[type[BaseException], ...] = (),
+    retry_backoff_s: float = 1.0,
+    retry_backoff_max_s: float = 300.0,
 ) -> Callable[[F], F]:
     """Mark a function as a corefleet task.
 
-    ``max_retries`` bounds how often a job is run again after its worker was lost (a job
-    gets ``max_retries + 1`` attempts); once they are spent the job is ``dead``.
+    A job gets ``max_retries + 1`` attempts. It is run again when its worker was lost, and
+    when the task raised one of ``retry_on`` or ``Retry``: after a backoff that starts at
+    ``retry_backoff_s`` and doubles up to ``retry_backoff_max_s``, half of it random. Any
+    other exception fails the job at once. Once the attempts are spent the job is ``dead``.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -109,6 +130,10 @@ def task(
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {chosen_engine!r}")
     if max_retries < 0:
         raise ValueError("max_retries must be 0 or more")
+    if not all(isinstance(exc, type) and issubclass(exc, BaseException) for exc in retry_on):
+        raise ValueError("retry_on must be a tuple of exception classes")
+    if not 0 <= retry_backoff_s <= retry_backoff_max_s:
+        raise ValueError("retry_backoff_s must be from 0 to retry_backoff_max_s")
 
     def mark(fn: F) -> F:
         spec = TaskSpec(
@@ -120,6 +145,9 @@ def task(
             timeout_s=timeout_s,
             max_retries=max_retries,
             resources=dict(resources or {}),
+            retry_on=tuple(retry_on),
+            retry_backoff_s=float(retry_backoff_s),
+            retry_backoff_max_s=float(retry_backoff_max_s),
         )
         setattr(fn, _MARK, spec)
         return fn

@@ -59,3 +59,18 @@ class TaskContext:
         if not isinstance(message, str):
             raise TypeError(f"progress message must be a str, not {type(message).__name__}")
         return self._report(float(fraction), message[:MAX_PROGRESS_MESSAGE])
+
+
+class Retry(Exception):
+    """Raise in a task to have the job run again later, while it has attempts left:
+    after ``delay_s`` seconds, or the task's backoff when that is None. Once the attempts
+    are spent the job is ``dead``, with this as its error.
+    """
+
+    def __init__(self, reason: str = "", *, delay_s: float | None = None) -> None:
+        if delay_s is not None and not (
+            isinstance(delay_s, int | float) and math.isfinite(delay_s) and delay_s >= 0
+        ):
+            raise ValueError(f"Retry delay_s must be a number of seconds >= 0, not {delay_s!r}")
+        super().__init__(reason or "the task asked to be run again")
+        self.delay_s = delay_s

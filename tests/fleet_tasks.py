@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tasks import TaskContext, task
+from tasks import Retry, TaskContext, task
 
 _clients: dict[str, aioredis.Redis] = {}
 
@@ -188,3 +188,44 @@ def ray_progress(ctx: TaskContext) -> bool:
 async def bad_progress(fraction: float, ctx: TaskContext) -> None:
     """Report a progress ``fraction`` that may be out of range."""
     await ctx.progress(fraction)
+
+
+# --- retries -----------------------------------------------------------------------------
+
+
+@task("test.flaky", kind="io", max_retries=3, retry_on=(ConnectionError,), retry_backoff_s=0.05)
+async def flaky(fail_times: int, ctx: TaskContext) -> int:
+    """Raise ConnectionError on the first ``fail_times`` attempts; then return the attempt."""
+    if ctx.attempt <= fail_times:
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    return ctx.attempt
+
+
+@task("test.not_retryable", kind="io", retry_on=(ConnectionError,), retry_backoff_s=0.05)
+async def not_retryable() -> None:
+    """Raise an error its declaration does not retry."""
+    raise KeyError("not a connection problem")
+
+
+@task("test.retry_later", kind="io", max_retries=1)
+async def retry_later(delay_s: float, ctx: TaskContext) -> int:
+    """Ask to be run again ``delay_s`` later, once; then return the attempt."""
+    if ctx.attempt == 1:
+        raise Retry("not yet", delay_s=delay_s)
+    return ctx.attempt
+
+
+@task("test.cpu_flaky", kind="cpu", retry_on=(ConnectionError,), retry_backoff_s=0.05)
+def cpu_flaky(fail_times: int, ctx: TaskContext) -> int:
+    """``test.flaky`` in a Celery worker child."""
+    if ctx.attempt <= fail_times:
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    return ctx.attempt
+
+
+@task("test.ray_flaky", kind="heavy", retry_on=(ConnectionError,), retry_backoff_s=0.05)
+def ray_flaky(fail_times: int, ctx: TaskContext) -> int:
+    """``test.flaky`` in a Ray task."""
+    if ctx.attempt <= fail_times:
+        raise ConnectionError(f"attempt {ctx.attempt} failed")
+    return ctx.attempt

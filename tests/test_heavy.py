@@ -556,3 +556,10 @@ async def test_a_ray_task_reports_progress(heavy_gateway: Gateway, redis: aiored
     await redis.rpush(f"test:release:{job['id']}", 1)
     done = await heavy_gateway.wait(job["id"], 60)
     assert done["state"] == "succeeded" and done["result"] is True
+
+
+async def test_a_ray_task_is_retried_after_a_retryable_error(heavy_gateway: Gateway) -> None:
+    """The retry is queued again on Ray's stream and launched by Ray's dispatcher."""
+    job = await heavy_gateway.submit("test.ray_flaky", 1)
+    done = await heavy_gateway.wait(job["id"], 60)
+    assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2

@@ -1,5 +1,7 @@
 -- Start one attempt of a job: count it and mark the job running, atomically.
 -- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
+-- KEYS[3]  the delayed set: a retrying job begun now (its old entry, redelivered after
+--          its worker was lost) is not queued again when its backoff ends
 -- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
 -- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
 -- ARGV[6]  error JSON written when the job has no attempt left
@@ -34,9 +36,11 @@ if attempts > max_attempts then
   redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'dead', from = current}))
   return {'dead'}
 end
+if current == 'retrying' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
            'attempt_id', ARGV[7])
-redis.call('HDEL', KEYS[1], 'progress')  -- a new attempt reports its own
+-- A new attempt starts clean: its own progress, no error or due time of the one before.
+redis.call('HDEL', KEYS[1], 'progress', 'error', 'run_at')
 redis.call('HINCRBY', KEYS[2], 'begun' .. counted, 1)
 redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'running', from = current}))
 local out = redis.call('HGETALL', KEYS[1])

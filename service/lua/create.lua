@@ -12,6 +12,8 @@
 --   op "xadd-job": the same, plus the fields a cluster dispatcher launches the job with,
 --     so that it need not read the record first
 --   op "lpush": push value (a Celery message) onto the list
+--   op "delay": add the job's id to the delayed set (its "queue" key) scored by value,
+--     when it is due (Unix ms); a gateway queues it then
 -- The caller has checked every job, so no command here can fail half-way.
 -- A job whose hash exists already is left alone: ids are new per submit, so that is this
 -- very call sent again (the client retries when a connection drops, even after Redis ran
@@ -71,6 +73,8 @@ for k = 3, 2 + 2 * jobs, 2 do
         end
       end
       redis.call('XADD', KEYS[k + 1], '*', unpack(entry))
+    elseif op == 'delay' then
+      redis.call('ZADD', KEYS[k + 1], tonumber(value), id)
     else
       redis.call('LPUSH', KEYS[k + 1], value)
     end
