@@ -31,11 +31,7 @@ class AsyncProducer:
         base = settings or Settings.from_env()
         self.settings = base.with_redis(redis_url)
         self.redis = connect(redis_url)
-        store = JobStore(
-            self.redis,
-            self.settings.job_ttl_s,
-            idempotency_ttl_s=self.settings.idempotency_ttl_s,
-        )
+        store = JobStore.for_submits(self.redis, self.settings)
         registry = Registry.load(tuple(task_modules) or self.settings.task_modules)
         self._submitter = Submitter(store, registry, build_engines(self.redis, self.settings))
 

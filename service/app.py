@@ -103,7 +103,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = connect(settings.redis)
     app[REDIS] = redis
-    app[STORE] = JobStore(redis, settings.job_ttl_s, idempotency_ttl_s=settings.idempotency_ttl_s)
+    app[STORE] = JobStore.for_submits(redis, settings)
     app[HUB] = EventHub(redis)
     await app[HUB].start()
     yield

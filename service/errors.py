@@ -14,6 +14,9 @@ class CorefleetError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    #: Seconds a client should wait before it tries again (sent as ``Retry-After``), for
+    #: errors that pass.
+    retry_after_s: ClassVar[int | None] = None
 
     def __init__(self, message: str, detail: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -125,6 +128,15 @@ class StoreUnavailable(CorefleetError):
 
     status = 503
     code = "store_unavailable"
+    retry_after_s = 5
+
+
+class QueueFull(CorefleetError):
+    """The job's queue holds as many jobs as this deployment allows (back-pressure)."""
+
+    status = 429
+    code = "queue_full"
+    retry_after_s = 1
 
 
 class ClientError(CorefleetError):
@@ -160,6 +172,7 @@ _BY_STATUS = {
     405: MethodNotAllowed,
     409: Conflict,
     413: PayloadTooLarge,
+    429: QueueFull,
     503: EngineUnavailable,
 }
 

@@ -22,12 +22,11 @@ log = logging.getLogger("corefleet.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-#: What a 503 for an unreachable store asks clients to wait before they try again (s).
-STORE_RETRY_AFTER_S = 5
-
-
 def error_response(error: CorefleetError) -> web.Response:
-    return web.json_response(error.to_json(), status=error.status)
+    response = web.json_response(error.to_json(), status=error.status)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
 
 
 def json_errors(max_body_bytes: int) -> Any:
@@ -50,14 +49,12 @@ async def _guarded(
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Only after the client's own retries (a restart is ridden out): Redis is away.
         log.warning("%s %s: Redis does not answer (%s)", request.method, request.path, exc)
-        response = error_response(
+        return error_response(
             StoreUnavailable(
                 "the job store (Redis) does not answer; try again shortly",
-                {"retry_after_s": STORE_RETRY_AFTER_S},
+                {"retry_after_s": StoreUnavailable.retry_after_s},
             )
         )
-        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
-        return response
     except web.HTTPRequestEntityTooLarge:
         limit = max_body_bytes
         return error_response(

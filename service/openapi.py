@@ -22,6 +22,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Not found",
         409: "Conflict",
         413: "Body too large",
+        429: "The job's queue is full (back-pressure); try again after Retry-After",
         503: "An engine or the job store (Redis) is unavailable",
     }
     return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
@@ -212,7 +213,7 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("Job"), "Finished within ?wait"),
                         "202": _json(_ref("Job"), "Stored and queued"),
-                        **_errors(400, 404, 409, 413, 503),
+                        **_errors(400, 404, 409, 413, 429, 503),
                     },
                 },
             },
@@ -231,7 +232,7 @@ def openapi_document() -> dict[str, Any]:
                             },
                             "Stored and queued",
                         ),
-                        **_errors(400, 404, 413, 503),
+                        **_errors(400, 404, 413, 429, 503),
                     },
                 }
             },

@@ -145,6 +145,8 @@ class Settings:
     job_ttl_s: int = 7 * 24 * 3600
     #: Seconds an ``Idempotency-Key`` keeps standing for the job it created.
     idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S
+    #: The most jobs one queue may hold; submits to a fuller queue get a 429. 0: no limit.
+    max_queue_length: int = 0
     log_level: str = "INFO"
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     io: IoWorkerSettings = field(default_factory=IoWorkerSettings)
@@ -210,6 +212,7 @@ class Settings:
             idempotency_ttl_s=_int(
                 env, "COREFLEET_IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, minimum=1
             ),
+            max_queue_length=_int(env, "COREFLEET_MAX_QUEUE_LENGTH", 0),
             log_level=env.get("COREFLEET_LOG_LEVEL", "INFO").upper(),
             gateway=gateway,
             io=io,

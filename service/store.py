@@ -22,8 +22,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import ids, keys
 from service.batching import Batcher
+from service.errors import QueueFull
 from service.jobs import ALLOWED_FROM, Job, JobError, JobState, iso, now_iso
-from service.settings import DEFAULT_IDEMPOTENCY_TTL_S
+from service.settings import DEFAULT_IDEMPOTENCY_TTL_S, Settings
 
 LUA_DIR = Path(__file__).parent / "lua"
 
@@ -122,8 +123,12 @@ class JobStore:
         job_ttl_s: int,
         group_commit: bool = True,
         idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S,
+        max_queue_length: int = 0,
     ) -> None:
-        """``group_commit=False`` for a process that runs one job at a time (see batching)."""
+        """``group_commit=False`` for a process that runs one job at a time (see batching).
+        ``max_queue_length``: the most jobs a queue may hold before submits to it are
+        refused (0: no limit)."""
+        self.max_queue_length = max_queue_length
         self.redis = redis
         self.job_ttl_s = job_ttl_s
         # A key never outlives the record of its job (kept job_ttl_s once finished).
@@ -145,6 +150,16 @@ class JobStore:
             group=group_commit,
         )
 
+    @classmethod
+    def for_submits(cls, redis: aioredis.Redis, settings: Settings) -> JobStore:
+        """The store a gateway or producer submits through, with the deployment's limits."""
+        return cls(
+            redis,
+            settings.job_ttl_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
+            max_queue_length=settings.max_queue_length,
+        )
+
     async def create(
         self, jobs: list[Job], dispatch: Callable[[Job], Dispatch], once: Once | None = None
     ) -> Earlier | None:
@@ -157,7 +172,7 @@ class JobStore:
         if once is not None and len(jobs) != 1:
             raise ValueError("an Idempotency-Key stands for one job")
         script_keys: list[str] = [keys.JOBS, keys.STATS]
-        args: list[Any] = [keys.job(""), keys.SUBMITTED]
+        args: list[Any] = [keys.job(""), keys.SUBMITTED, self.max_queue_length]
         for job in jobs:
             where = dispatch(job)  # also for a delayed job: it refuses what it cannot run
             if job.run_at is not None:
@@ -171,6 +186,17 @@ class JobStore:
             script_keys.append(keys.idempotency(once.key))
             args += [jobs[0].id, once.fingerprint, self.idempotency_ttl_s]
         reply = await self.batch.script("create", script_keys, args)
+        if reply[0] == "full":
+            full = jobs[int(reply[1]) - 1]
+            raise QueueFull(
+                f"queue {full.queue!r} holds {reply[2]} jobs, as many as this deployment "
+                "allows (COREFLEET_MAX_QUEUE_LENGTH); try again shortly",
+                {
+                    "queue": full.queue,
+                    "length": int(reply[2]),
+                    "retry_after_s": QueueFull.retry_after_s,
+                },
+            )
         if reply[0] != "replay":
             return None
         earlier = Job.from_hash(dict(zip(reply[2::2], reply[3::2], strict=True)))

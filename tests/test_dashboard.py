@@ -72,6 +72,8 @@ async def test_jobs_appear_and_finish_on_the_page_as_they_happen(
     await expect(line).to_have_attribute("data-state", "succeeded")
     await expect(line.locator("td.task")).to_have_text("io.echo")
     await expect(page.locator('#engines tbody tr[data-engine="asyncio"]')).to_have_count(1)
+    await gateway.submit("io.echo", "later", delay_s=3600)
+    await expect(page.locator("#delayed")).to_have_text("1")  # pushed: a new job was announced
     await line.click()
     await expect(page.locator("#detail-id")).to_have_text(job["id"])
     await expect(page.locator("#record")).to_contain_text('"hello": "dashboard"')
@@ -79,7 +81,7 @@ async def test_jobs_appear_and_finish_on_the_page_as_they_happen(
 
     second = await gateway.submit("io.echo", 2)
     await expect(jobs.first).to_have_attribute("data-id", second["id"])  # newest first
-    await expect(jobs).to_have_count(2)
+    await expect(jobs).to_have_count(3)
 
 
 async def test_submit_watch_progress_and_cancel_from_the_page(

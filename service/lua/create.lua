@@ -6,6 +6,8 @@
 -- ARGV[1]  the prefix of job hashes (the hash of job ID is prefix .. ID)
 -- ARGV[2]  the channel that announces new jobs: one message per call, {"state": "queued",
 --          "ids": [...]}, for live views (only they subscribe, so a submit stays cheap)
+-- ARGV[3]  the most jobs a queue may hold (0: no limit): a job whose queue is that full
+--          is refused with everything else in the call (back-pressure)
 -- ARGV     then per job, in order: op, value, n, then n field/value pairs; then, with a
 --          key: the job's id, the request's fingerprint and the key's TTL in seconds
 --   op "xadd": add an entry holding the job's id (value) to the stream
@@ -19,8 +21,8 @@
 -- very call sent again (the client retries when a connection drops, even after Redis ran
 -- the script), and writing it twice would reset a job already begun and queue it twice.
 -- Returns {"created"}, or {"replay", fingerprint, field, value, ...} with the record of
--- the job the Idempotency-Key already stands for, when that job still exists: then
--- nothing is written.
+-- the job the Idempotency-Key already stands for, when that job still exists, or {"full",
+-- n, length}: the n-th job's queue holds length jobs, the limit. Then nothing is written.
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
 -- Index entries of jobs whose record has expired are dropped as they are met: listing
@@ -43,7 +45,26 @@ if once then
     end
   end
 end
-local a = 3
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  -- Counted before anything is written. A stream holds the jobs waiting and those being
+  -- run (entries go when done); a Celery list, the jobs waiting.
+  local held, a = {}, 4
+  for k = 3, 2 + 2 * jobs, 2 do
+    local op, queue = ARGV[a], KEYS[k + 1]
+    if op ~= 'delay' and redis.call('EXISTS', KEYS[k]) == 0 then
+      if held[queue] == nil then
+        held[queue] = redis.call(op == 'lpush' and 'LLEN' or 'XLEN', queue)
+      end
+      if held[queue] >= limit then
+        return {'full', tostring((k - 1) / 2), tostring(held[queue])}
+      end
+      held[queue] = held[queue] + 1
+    end
+    a = a + 3 + 2 * tonumber(ARGV[a + 2])
+  end
+end
+local a = 4
 local created = {}
 for k = 3, 2 + 2 * jobs, 2 do
   local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])

@@ -104,7 +104,8 @@ function scheduleReload() {
 async function reloadQueues() {
   queuesTimer = null;
   try {
-    const { engines } = await api("GET", "/v1/queues");
+    const { engines, delayed } = await api("GET", "/v1/queues");
+    $("delayed").textContent = String(delayed);
     const body = [];
     for (const [name, engine] of Object.entries(engines)) {
       const queues = Object.entries(engine.queues || {});
