@@ -110,7 +110,9 @@ def _client_command(args: argparse.Namespace) -> int:
     from clients.http import DEFAULT_URL, Client
     from service.jobs import JobState
 
-    with Client(args.url or DEFAULT_URL) as client:
+    # The token comes from the environment only: a command-line argument shows in `ps`.
+    token = os.environ.get("COREFLEET_TOKEN") or None
+    with Client(args.url or DEFAULT_URL, token=token) as client:
         if args.command == "tasks":
             for spec in client.tasks():
                 params = ", ".join(p["name"] for p in spec["parameters"])

@@ -22,6 +22,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 _WAIT_STEP_S = 30.0
 
 
+def _bearer(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
 def _once(idempotency_key: str | None) -> dict[str, str]:
     return {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
 
@@ -81,9 +85,13 @@ class _Wait:
 class AsyncClient:
     """``async with AsyncClient() as client: job = await client.submit("io.sleep", 1)``."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0, token: str | None = None
+    ) -> None:
+        """``token``: an API token, for a gateway that wants one (COREFLEET_API_TOKENS)."""
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout_s
+        self._auth = _bearer(token)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -106,7 +114,7 @@ class AsyncClient:
         headers: dict[str, str] | None = None,
     ) -> Any:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(headers=self._auth)
         timeout = aiohttp.ClientTimeout(total=timeout_s or self._timeout)
         try:
             async with self._session.request(
@@ -151,13 +159,17 @@ class AsyncClient:
 class Client:
     """The blocking twin of ``AsyncClient`` (standard library only, one kept-alive socket)."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0, token: str | None = None
+    ) -> None:
+        """``token`` as in ``AsyncClient``."""
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._parts = parts
         self._timeout = timeout_s
+        self._auth = _bearer(token)
         self._conn: http.client.HTTPConnection | None = None
 
     def __enter__(self) -> Client:
@@ -193,7 +205,7 @@ class Client:
         headers: dict[str, str] | None = None,
     ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        headers = dict(headers or {})
+        headers = {**self._auth, **(headers or {})}
         if data is not None:
             headers["Content-Type"] = "application/json"
         prefix = self._parts.path.rstrip("/")

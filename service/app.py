@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from service import ids, keys
+from service.auth import token_auth
 from service.dashboard import Dashboard
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, ensure_group, io_worker
@@ -65,7 +66,11 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     http_metrics = HttpMetrics()
     app = web.Application(
         # Measured outermost, so that error answers count with the status they went out with.
-        middlewares=[http_metrics.middleware(), json_errors(settings.gateway.max_body_bytes)],
+        middlewares=[
+            http_metrics.middleware(),
+            json_errors(settings.gateway.max_body_bytes),
+            *_auth(settings),
+        ],
         client_max_size=settings.gateway.max_body_bytes,
     )
     app[HTTP_METRICS] = http_metrics
@@ -97,6 +102,13 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
 
 
 # --- resources ---------------------------------------------------------------------------
+
+
+def _auth(settings: Settings) -> list[Any]:
+    """The token check, inside the error middleware (its 401 and 403 are JSON), when the
+    deployment has tokens."""
+    gateway = settings.gateway
+    return [token_auth(gateway)] if gateway.api_tokens or gateway.read_tokens else []
 
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -26,6 +26,10 @@ class CorefleetError(Exception):
     def to_json(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error's answer carries besides its JSON body."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
 
 class BadRequest(CorefleetError):
     """The request is malformed."""
@@ -62,6 +66,23 @@ class InvalidParameter(BadRequest):
     """A query parameter has a value the endpoint cannot use."""
 
     code = "invalid_parameter"
+
+
+class Unauthorized(CorefleetError):
+    """No valid API token came with a request that needs one."""
+
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="corefleet"'}
+
+
+class Forbidden(CorefleetError):
+    """The token is valid but may not do this (a read token asked to change something)."""
+
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(CorefleetError):
@@ -168,6 +189,8 @@ BY_CODE: dict[str, type[CorefleetError]] = {cls.code: cls for cls in _subclasses
 
 _BY_STATUS = {
     400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     405: MethodNotAllowed,
     409: Conflict,

@@ -23,10 +23,7 @@ log = logging.getLogger("corefleet.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def error_response(error: CorefleetError) -> web.Response:
-    response = web.json_response(error.to_json(), status=error.status)
-    if error.retry_after_s is not None:
-        response.headers["Retry-After"] = str(error.retry_after_s)
-    return response
+    return web.json_response(error.to_json(), status=error.status, headers=error.headers())
 
 
 def json_errors(max_body_bytes: int) -> Any:

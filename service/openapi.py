@@ -360,5 +360,18 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
         },
-        "components": {"schemas": {"SubmitJob": _SUBMIT, "Job": _JOB, "Error": _ERROR}},
+        # Tokens are the deployment's choice (COREFLEET_API_TOKENS): none, or a bearer.
+        "security": [{}, {"bearer": []}],
+        "components": {
+            "schemas": {"SubmitJob": _SUBMIT, "Job": _JOB, "Error": _ERROR},
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token (any request) or a read token (GET only); "
+                    "401 without a valid one, 403 for a read token that would change "
+                    "something",
+                }
+            },
+        },
     }

@@ -20,8 +20,19 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+#: Hosts only this machine reaches.
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
 def run_gateway(settings: Settings) -> None:
     configure_logging(settings.log_level)
+    gateway = settings.gateway
+    if gateway.host not in _LOOPBACK and not (gateway.api_tokens or gateway.read_tokens):
+        logging.getLogger("corefleet.gateway").warning(
+            "listening on %s without API tokens: whoever reaches it can submit and cancel "
+            "jobs (set COREFLEET_API_TOKENS)",
+            gateway.host,
+        )
     app = create_app(settings)
     web.run_app(
         app,

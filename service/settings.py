@@ -62,10 +62,29 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+#: The shortest API token accepted: shorter ones are guessable.
+MIN_TOKEN_CHARS = 16
+
+
+def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    tokens = _list(env, name)
+    for token in tokens:
+        if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+            raise SettingsError(
+                f"each token in {name} must be at least {MIN_TOKEN_CHARS} visible characters"
+            )
+    return tokens
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
+    #: Bearer tokens that may use the whole API; with none (nor read tokens) the API is
+    #: open to whoever reaches the gateway.
+    api_tokens: tuple[str, ...] = ()
+    #: Bearer tokens that may only read (GET): ops views, dashboards, scrapers.
+    read_tokens: tuple[str, ...] = ()
     #: Largest request body accepted; larger ones get a 413.
     max_body_bytes: int = 1024 * 1024
     #: Longest ``?wait=`` a client may ask for, in seconds.
@@ -171,6 +190,8 @@ class Settings:
             max_body_bytes=_int(env, "COREFLEET_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
             max_wait_s=_float(env, "COREFLEET_MAX_WAIT_S", 60.0),
             embedded_io_worker=_bool(env, "COREFLEET_EMBEDDED_IO_WORKER", True),
+            api_tokens=_tokens(env, "COREFLEET_API_TOKENS"),
+            read_tokens=_tokens(env, "COREFLEET_READ_TOKENS"),
         )
         io = IoWorkerSettings(
             queues=_list(env, "COREFLEET_IO_QUEUES") or ("io",),

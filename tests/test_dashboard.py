@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -38,9 +39,9 @@ def problems() -> list[str]:
     return []
 
 
-@pytest.fixture
-async def page(gateway: Gateway, problems: list[str]) -> AsyncIterator[Page]:
-    """The dashboard, open and live (its event stream connected), in a fresh browser."""
+@contextlib.asynccontextmanager
+async def browser_page(problems: list[str]) -> AsyncIterator[Page]:
+    """A page in a fresh Chromium, its console errors and warnings going to ``problems``."""
     async with async_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
         browser = await playwright.chromium.launch(
@@ -53,12 +54,19 @@ async def page(gateway: Gateway, problems: list[str]) -> AsyncIterator[Page]:
                 "console",
                 lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
             )
-            await page.goto(f"{gateway.url}/dashboard")
-            await expect(page.locator("#live")).to_have_text("live")
             yield page
             assert problems == []  # no script error, no failed request, no CSP refusal
         finally:
             await browser.close()
+
+
+@pytest.fixture
+async def page(gateway: Gateway, problems: list[str]) -> AsyncIterator[Page]:
+    """The dashboard, open and live (its event stream connected), in a fresh browser."""
+    async with browser_page(problems) as page:
+        await page.goto(f"{gateway.url}/dashboard")
+        await expect(page.locator("#live")).to_have_text("live")
+        yield page
 
 
 async def test_jobs_appear_and_finish_on_the_page_as_they_happen(

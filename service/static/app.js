@@ -13,8 +13,18 @@ let queuesTimer = null;
 
 const $ = (id) => document.getElementById(id);
 
+// The API token, when the gateway wants one: asked for once, kept for this tab only.
+const TOKEN_KEY = "corefleet-token";
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+class Unauthorized extends Error {}
+
 async function api(method, path, body) {
-  const init = { method, headers: {} };
+  const init = { method, headers: authHeaders() };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -23,9 +33,19 @@ async function api(method, path, body) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = data.error || {};
-    throw new Error(`${response.status} ${error.code || ""}: ${error.message || response.statusText}`);
+    const message = `${response.status} ${error.code || ""}: ${error.message || response.statusText}`;
+    if (response.status === 401) {
+      askForToken(message);
+      throw new Unauthorized(message);
+    }
+    throw new Error(message);
   }
   return data;
+}
+
+function askForToken(why) {
+  $("login").hidden = false;
+  $("login-reason").textContent = why;
 }
 
 function cell(text, className) {
@@ -189,19 +209,66 @@ function reloadAll() {
   if (selected) refreshJob(selected);
 }
 
-function connect() {
-  const events = new EventSource("/v1/events");
-  events.onopen = () => {
-    $("live").textContent = "live";
-    $("live").classList.remove("off");
-    reloadAll(); // read after the stream is open: nothing falls between the two
-  };
-  events.onerror = () => {
-    $("live").textContent = "reconnecting";
-    $("live").classList.add("off");
-  };
-  events.addEventListener("job", (event) => onChange(JSON.parse(event.data)));
-  events.addEventListener("resync", reloadAll);
+function setLive(live, text) {
+  $("live").textContent = text;
+  $("live").classList.toggle("off", !live);
+}
+
+// GET /v1/events, read with fetch (EventSource cannot send a token), and reopened when
+// it ends. Each opening reads the page's data again: nothing falls between the two.
+let following = false;
+
+async function follow() {
+  if (following) return;
+  following = true;
+  try {
+    await followLoop();
+  } finally {
+    following = false;
+  }
+}
+
+async function followLoop() {
+  for (;;) {
+    try {
+      const response = await fetch("/v1/events", { headers: authHeaders() });
+      if (response.status === 401) {
+        setLive(false, "needs a token");
+        askForToken("401 unauthorized: this gateway needs an API token");
+        return; // the token form starts it again
+      }
+      if (!response.ok) throw new Error(`GET /v1/events: ${response.status}`);
+      setLive(true, "live");
+      reloadAll();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          dispatch(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+        }
+      }
+    } catch (error) {
+      console.info("the event stream broke off", error);
+    }
+    setLive(false, "reconnecting");
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+}
+
+function dispatch(block) {
+  let event = "message";
+  let data = "";
+  for (const line of block.split("\n")) {
+    if (line.startsWith("event: ")) event = line.slice(7);
+    else if (line.startsWith("data: ")) data += line.slice(6);
+  }
+  if (event === "job") onChange(JSON.parse(data));
+  else if (event === "resync") reloadAll();
 }
 
 function parseField(id, kind) {
@@ -240,6 +307,11 @@ async function cancelSelected() {
   }
 }
 
+function start() {
+  reloadTasks().catch((error) => error instanceof Unauthorized || console.warn("reading the tasks failed", error));
+  follow();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("jobs").tBodies[0].addEventListener("click", (event) => {
     const tr = event.target.closest("tr");
@@ -250,6 +322,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("state-filter").addEventListener("change", reloadJobs);
   $("submit-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelSelected);
-  reloadTasks().catch((error) => console.warn("reading the tasks failed", error));
-  connect();
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+    $("login").hidden = true;
+    start();
+  });
+  start();
 });
