@@ -449,7 +449,7 @@ async def _stream_job(
     await response.write_eof()
 
 
-#: How long ``GET /v1/events`` waits for Redis to confirm its subscriptions.
+#: How long ``GET /v1/events`` waits for its subscription to new jobs to be made.
 FEED_READY_S = 5.0
 
 

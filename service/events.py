@@ -134,10 +134,10 @@ class EventHub:
         finally:
             self._feeds.discard(feed)
             if not self._feeds and self._announcements is not None:
-                self._announcements.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._announcements
-                self._announcements = None
+                # Forgotten before the await: a feed opened meanwhile starts its own.
+                announcements, self._announcements = self._announcements, None
+                announcements.cancel()
+                await asyncio.wait([announcements])
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[Watch]:

@@ -43,9 +43,9 @@ ALLOWED_FROM: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset(),
     JobState.RUNNING: frozenset({JobState.QUEUED, JobState.RETRYING, JobState.RUNNING}),
     JobState.SUCCEEDED: frozenset({JobState.RUNNING}),
-    # queued -> failed: the engine could not start the runner at all (say, the cluster's
-    # workers cannot import the task's module), so no attempt began.
-    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING}),
+    # queued (or retrying) -> failed: the engine could not start the runner at all (say,
+    # the cluster's workers cannot import the task's module), so no attempt began.
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RETRYING}),
     JobState.RETRYING: frozenset({JobState.RUNNING}),
     JobState.DEAD: frozenset({JobState.RUNNING, JobState.RETRYING}),
     JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.RETRYING}),

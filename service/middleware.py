@@ -22,6 +22,7 @@ log = logging.getLogger("corefleet.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 def error_response(error: CorefleetError) -> web.Response:
     return web.json_response(error.to_json(), status=error.status, headers=error.headers())
 

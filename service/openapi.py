@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.jobs import JobState
-from service.submit import MAX_DELAY_S
+from tasks.context import MAX_DELAY_S
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -61,7 +61,15 @@ class Scheduler:
             ready, next_in = await self.store.due(BATCH + len(self._held))
             fresh = [(job_id, due) for job_id, due in ready if job_id not in self._held]
             for job_id, due in fresh:
-                await self._release(job_id, due)
+                try:
+                    await self._release(job_id, due)
+                except (RedisError, OSError):
+                    raise  # Redis away: the loop waits and looks again
+                except Exception:
+                    # One job this gateway cannot handle (a record it cannot read) must
+                    # not stop every other job from being queued.
+                    log.exception("cannot release job %s; leaving it for now", job_id)
+                    self._held[job_id] = time.monotonic() + HOLD_S
             if len(fresh) < BATCH:
                 break
         return MAX_WAIT_S if next_in is None else min(MAX_WAIT_S, next_in)

@@ -278,7 +278,7 @@ class JobStore:
         allowed = ",".join(s.value for s in ALLOWED_FROM[to]) or "-"
         moved, previous = await self.batch.script(
             "transition",
-            [keys.job(job_id), keys.STATS],
+            [keys.job(job_id), keys.STATS, keys.DELAYED],
             [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
         )
         return bool(moved), JobState(previous) if previous else None

@@ -26,6 +26,7 @@ from service.errors import (
 from service.jobs import Job, iso
 from service.store import JobStore, Once
 from tasks import Registry, bind_arguments
+from tasks.context import MAX_DELAY_S
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -33,8 +34,6 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 #: The job options a submit may carry.
 OPTIONS = ("delay_s", "max_attempts", "queue", "require_worker", "resources", "timeout_s")
-#: The longest ``delay_s``: 30 days.
-MAX_DELAY_S = 30 * 24 * 3600
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:

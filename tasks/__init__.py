@@ -49,15 +49,15 @@ class TaskSpec:
     #: Engine resources (Ray: num_cpus, num_gpus, memory).
     resources: dict[str, float] = field(default_factory=dict)
     #: Exceptions after which a job is run again (while it has attempts left), not failed.
-    retry_on: tuple[type[BaseException], ...] = ()
+    retry_on: tuple[type[Exception], ...] = ()
     #: The wait before the first retry; it doubles for each one after, up to the maximum.
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 300.0
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): the backoff for
-        that attempt, of which a random half is taken off, so that jobs failing together
-        (a service down) do not all come back at the same moment."""
+        that attempt, less a random part of up to half of it, so that jobs failing
+        together (a service down) do not all come back at the same moment."""
         full = min(self.retry_backoff_max_s, self.retry_backoff_s * 2.0 ** (attempt - 1))
         return full / 2 + random.uniform(0, full / 2)
 
@@ -112,7 +112,7 @@ def task(
     timeout_s: float | None = None,
     max_retries: int = 2,
     resources: dict[str, float] | None = None,
-    retry_on: tuple[type[BaseException], ...] = (),
+    retry_on: tuple[type[Exception], ...] = (),
     retry_backoff_s: float = 1.0,
     retry_backoff_max_s: float = 300.0,
 ) -> Callable[[F], F]:
@@ -120,7 +120,7 @@ def task(
 
     A job gets ``max_retries + 1`` attempts. It is run again when its worker was lost, and
     when the task raised one of ``retry_on`` or ``Retry``: after a backoff that starts at
-    ``retry_backoff_s`` and doubles up to ``retry_backoff_max_s``, half of it random. Any
+    ``retry_backoff_s`` and doubles up to ``retry_backoff_max_s``, less up to half at random. Any
     other exception fails the job at once. Once the attempts are spent the job is ``dead``.
     """
     if kind not in KINDS:
@@ -130,7 +130,7 @@ def task(
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {chosen_engine!r}")
     if max_retries < 0:
         raise ValueError("max_retries must be 0 or more")
-    if not all(isinstance(exc, type) and issubclass(exc, BaseException) for exc in retry_on):
+    if not all(isinstance(exc, type) and issubclass(exc, Exception) for exc in retry_on):
         raise ValueError("retry_on must be a tuple of exception classes")
     if not 0 <= retry_backoff_s <= retry_backoff_max_s:
         raise ValueError("retry_backoff_s must be from 0 to retry_backoff_max_s")

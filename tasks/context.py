@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The longest a job may be put off: ``Retry(delay_s=...)``, and ``delay_s`` on a submit.
+MAX_DELAY_S = 30 * 24 * 3600
 #: Longer progress messages are cut to this many characters.
 MAX_PROGRESS_MESSAGE = 200
 
@@ -68,9 +70,14 @@ class Retry(Exception):
     """
 
     def __init__(self, reason: str = "", *, delay_s: float | None = None) -> None:
-        if delay_s is not None and not (
-            isinstance(delay_s, int | float) and math.isfinite(delay_s) and delay_s >= 0
+        if delay_s is not None and (
+            isinstance(delay_s, bool)
+            or not isinstance(delay_s, int | float)
+            or not 0 <= delay_s <= MAX_DELAY_S  # NaN fails this too
         ):
-            raise ValueError(f"Retry delay_s must be a number of seconds >= 0, not {delay_s!r}")
+            raise ValueError(
+                f"Retry delay_s must be a number of seconds from 0 to {MAX_DELAY_S}, "
+                f"not {delay_s!r}"
+            )
         super().__init__(reason or "the task asked to be run again")
         self.delay_s = delay_s

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from service.events import Feed
+from service.events import EventHub, Feed
 from service.jobs import JobState
 from service.store import JobStore
 from tasks import TaskContext
@@ -160,6 +160,25 @@ async def test_the_events_feed_pushes_every_jobs_changes_and_only_listens_while_
     # The gateway notices a gone client when it next writes to it: the next new job.
     await gateway.submit("io.echo", "after")
     await wait_subscribers(redis, "cf:submitted", 0)
+
+
+async def test_a_feed_opened_as_the_last_one_closes_gets_ready(redis: aioredis.Redis) -> None:
+    """The last feed closing stops the announcements; one opened meanwhile starts them
+    again rather than waiting on the subscription being stopped."""
+    hub = EventHub(redis)
+    await hub.start()
+    try:
+        first = hub.feed()
+        feed = await first.__aenter__()
+        await asyncio.wait_for(feed.ready.wait(), 5)
+        closing = asyncio.create_task(first.__aexit__(None, None, None))
+        await asyncio.sleep(0)  # sleep-ok: one loop turn, so the close reaches its await
+        async with hub.feed() as second:
+            await asyncio.wait_for(second.ready.wait(), 5)
+            assert await subscribers(redis, "cf:submitted") == 1
+        await closing
+    finally:
+        await hub.close()
 
 
 def test_a_feed_that_falls_behind_is_told_to_read_again() -> None:

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 
 from service.jobs import JobError
 from service.store import Dispatch, JobStore
-from service.submit import MAX_DELAY_S
 from tasks import Retry, task
+from tasks.context import MAX_DELAY_S
 from tests.conftest import Gateway, start_gateway, wait_state
 from tests.test_live import sse
 
@@ -108,12 +108,39 @@ async def test_a_cancelled_delayed_job_never_runs(gateway: Gateway, redis: aiore
     job = await gateway.submit("io.echo", 1, delay_s=0.3)
     status, cancelled = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
     assert status == 200 and cancelled["state"] == "cancelled"
-    async with asyncio.timeout(20):
-        while await redis.zcard("cf:delayed"):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # sleep-ok: the scheduler takes it off when it is due
+    assert await redis.zcard("cf:delayed") == 0  # it left the delayed set with the cancel
+    status, queues = await gateway.call("GET", "/v1/queues")
+    assert queues["delayed"] == 0
     status, record = await gateway.call("GET", f"/v1/jobs/{job['id']}")
     assert record["state"] == "cancelled" and record["attempts"] == 0
     assert record["started_at"] is None
+
+
+async def test_a_record_the_scheduler_cannot_read_does_not_hold_up_the_others(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    await redis.hset("cf:job:01BROKENBROKENBROKENBROKEN", mapping={"state": "queued"})
+    await redis.zadd("cf:delayed", {"01BROKENBROKENBROKENBROKEN": 0})  # due first
+    job = await gateway.submit("io.echo", "next", delay_s=0.1)
+    done = await gateway.wait(job["id"])
+    assert done["state"] == "succeeded"
+
+
+async def test_a_retrying_job_its_engine_cannot_start_can_fail(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Back on its queue for its next attempt, a job whose engine cannot launch it (say,
+    its cluster's workers cannot import the task) fails with the reason; it would
+    otherwise stay retrying, on no queue, for ever."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    begun = await store.begin(job["id"], "w")
+    assert begun.job is not None
+    assert await store.retry(begun.job, JobError("ConnectionError", "x"), 0)
+    assert await store.fail(job["id"], JobError("ModuleNotFoundError", "no module named x"))
+    record = await store.get(job["id"])
+    assert record is not None and record.state.value == "failed"
+    assert await redis.zcard("cf:delayed") == 0
 
 
 async def test_delayed_jobs_survive_the_gateway_and_are_queued_once_by_many(
@@ -194,8 +221,9 @@ def test_the_backoff_doubles_up_to_its_maximum_with_jitter() -> None:
 def test_retry_declarations_are_checked() -> None:
     with pytest.raises(ValueError):
         Retry("x", delay_s=-1)
-    with pytest.raises(ValueError):
-        Retry("x", delay_s=float("nan"))
+    for delay in (float("nan"), True, MAX_DELAY_S + 1):
+        with pytest.raises(ValueError):
+            Retry("x", delay_s=delay)
     with pytest.raises(ValueError):
         task("t.bad", retry_on=(int,))  # type: ignore[arg-type]
     with pytest.raises(ValueError):

@@ -39,6 +39,8 @@ from service.worker_runtime import WorkerConfig
 from tasks import DASK_QUEUE, Registry, TaskSpec
 
 log = logging.getLogger("corefleet.heavy")
+#: The states of a job whose runner has not begun it.
+_WAITING = frozenset({JobState.QUEUED.value, JobState.RETRYING.value})
 
 #: The stream Ray jobs travel on unless their task names another.
 HEAVY_QUEUE = "heavy"
@@ -320,7 +322,8 @@ class ClusterEngine:
         try:
             for job_id in [j for j, started in self._started.items() if not started.is_set()]:
                 state = await self.redis.hget(keys.job(job_id), "state")  # type: ignore[misc]
-                if state is not None and state != JobState.QUEUED.value:
+                # Queued, or retrying (back on its queue for its next attempt): not begun.
+                if state is not None and state not in _WAITING:
                     self.mark_started(job_id)
         except (RedisError, OSError) as exc:  # the next (re)subscription checks again
             log.warning("could not re-check started jobs (%s)", exc)

@@ -18,6 +18,7 @@ if state ~= 'running' then
   return 0
 end
 redis.call('HSET', KEYS[1], 'state', 'retrying', 'error', ARGV[3], 'run_at', ARGV[4])
+redis.call('HDEL', KEYS[1], 'progress')  -- the failed attempt's; the next reports its own
 redis.call('ZADD', KEYS[2], tonumber(ARGV[5]), ARGV[1])
 local kind = redis.call('HMGET', KEYS[1], 'engine', 'task')
 redis.call('HINCRBY', KEYS[3], 'retried\t' .. (kind[1] or '') .. '\t' .. (kind[2] or ''), 1)

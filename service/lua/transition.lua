@@ -1,5 +1,6 @@
 -- Move one job to a new state, only from the states allowed, in one atomic step.
 -- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
+-- KEYS[3]  the delayed set: a job that ends leaves it (a cancelled delayed job)
 -- ARGV[1]  job id            ARGV[2]  target state
 -- ARGV[3]  allowed source states, comma separated
 -- ARGV[4]  TTL in seconds once terminal (0: keep)
@@ -37,8 +38,9 @@ for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
-  -- A terminal state: count it and let the record expire.
+  -- A terminal state: count it, let the record expire, and never release it.
   redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('ZREM', KEYS[3], ARGV[1])
   local kind = redis.call('HMGET', KEYS[1], 'engine', 'task')
   redis.call('HINCRBY', KEYS[2], ARGV[2] .. '\t' .. (kind[1] or '') .. '\t' .. (kind[2] or ''), 1)
 end
