@@ -107,6 +107,8 @@ class Job:
     #: The running attempt's own id (set by ``begin``); progress reports carry it, so an
     #: attempt that was replaced cannot write over its successor's.
     attempt_id: str = ""
+    #: The stream entry that delivered the job to a cluster dispatcher (not stored).
+    entry: str = ""
 
     def to_hash(self) -> dict[str, str]:
         """The fields written to Redis when the job is created."""

@@ -47,14 +47,14 @@ class JobRunner:
         self.is_cancelled = is_cancelled
         self._reports: set[asyncio.Task[bool]] = set()  # progress writes not awaited yet
 
-    async def run(self, job_id: str) -> JobState | None:
+    async def run(self, job_id: str, entry: str = "") -> JobState | None:
         """Run one attempt of the job; the state it ended in, or None if it did not run.
 
         ``asyncio.CancelledError`` propagates: either the job was cancelled (the store
         already says so) or the worker is shutting down (the job stays unacknowledged and
         another worker takes it over).
         """
-        begun = await self.store.begin(job_id, self.worker_id)
+        begun = await self.store.begin(job_id, self.worker_id, entry)
         if begun.job is None:
             log.debug("job %s not run: %s", job_id, begun.reason)
             return JobState.DEAD if begun.reason == "dead" else None

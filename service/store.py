@@ -238,19 +238,20 @@ class JobStore:
             at += 1 + size
         return jobs, reply[0] or None
 
-    async def begin(self, job_id: str, worker: str) -> Begun:
-        """Count an attempt and mark the job running, unless it must not run."""
+    async def begin(self, job_id: str, worker: str, entry: str = "") -> Begun:
+        """Count an attempt and mark the job running, unless it must not run. ``entry``:
+        the stream entry that delivered the job, where a stream did (see begin.lua)."""
         reply = await self.batch.script(
             "begin",
             [keys.job(job_id), keys.STATS, keys.DELAYED],
-            self._begin_args(job_id, worker),
+            self._begin_args(job_id, worker, entry),
         )
         if reply[0] != "run":
             return Begun(None, reply[1] if len(reply) > 1 else reply[0])
         flat = reply[1:]
         return Begun(Job.from_hash(dict(zip(flat[::2], flat[1::2], strict=True))))
 
-    def _begin_args(self, job_id: str, worker: str) -> list[Any]:
+    def _begin_args(self, job_id: str, worker: str, entry: str = "") -> list[Any]:
         lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
         return [
             job_id,
@@ -262,6 +263,7 @@ class JobStore:
             # The attempt's own id: the client sends a call again when its connection
             # drops, even if Redis ran it, and the script must not count that twice.
             ids.new_id(),
+            entry,
         ]
 
     async def transition(

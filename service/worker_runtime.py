@@ -78,11 +78,12 @@ def _new_runtime(config: WorkerConfig, engine: str) -> _Runtime:
     return _Runtime(loop, loop.run_until_complete(build()))
 
 
-def run_job_here(config: WorkerConfig, job_id: str, engine: str) -> str | None:
-    """Run one attempt of ``job_id`` in this process; the state it ended in."""
+def run_job_here(config: WorkerConfig, job_id: str, engine: str, entry: str = "") -> str | None:
+    """Run one attempt of ``job_id`` in this process; the state it ended in. ``entry``: the
+    stream entry that delivered it (Ray and Dask jobs come by stream; Celery's do not)."""
     key = (os.getpid(), threading.get_ident(), config, engine)
     runtime = _RUNTIMES.get(key)
     if runtime is None:
         runtime = _RUNTIMES[key] = _new_runtime(config, engine)
-    state = runtime.loop.run_until_complete(runtime.runner.run(job_id))
+    state = runtime.loop.run_until_complete(runtime.runner.run(job_id, entry))
     return None if state is None else str(state.value)

@@ -234,3 +234,19 @@ async def test_a_cpu_task_is_retried_on_celery(gateway: Gateway, celery_worker: 
     job = await gateway.submit("test.cpu_flaky", 1)
     done = await gateway.wait(job["id"], 60)
     assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2
+
+
+async def test_a_stale_entry_of_a_running_job_starts_no_second_attempt(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A running job is begun again only by the entry that began it (its worker was lost);
+    another entry of it (the failed attempt's, taken over after a retry queued the next)
+    is skipped, so the job never runs twice at once."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    first = await store.begin(job["id"], "worker-a", "1-1")
+    assert first.job is not None and first.job.attempts == 1
+    stale = await store.begin(job["id"], "worker-b", "0-9")
+    assert stale.job is None and stale.reason == "running"
+    taken_over = await store.begin(job["id"], "worker-c", "1-1")
+    assert taken_over.job is not None and taken_over.job.attempts == 2

@@ -180,8 +180,9 @@ async def test_a_begin_sent_twice_counts_one_attempt(store: JobStore) -> None:
     second attempt nor, on a job's last one, sends the job to the dead letter."""
     job_id = await _job_in(store, JobState.QUEUED, max_attempts=1)
     call = store._begin_args(job_id, "w1")
-    first = await store.batch.script("begin", [keys.job(job_id), keys.STATS], call)
-    again = await store.batch.script("begin", [keys.job(job_id), keys.STATS], call)
+    begin_keys = [keys.job(job_id), keys.STATS, keys.DELAYED]
+    first = await store.batch.script("begin", begin_keys, call)
+    again = await store.batch.script("begin", begin_keys, call)
     assert first[0] == again[0] == "run"
     job = await store.get(job_id)
     assert job is not None and job.state is JobState.RUNNING and job.attempts == 1

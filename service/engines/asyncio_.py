@@ -95,13 +95,16 @@ def io_worker(
     redis: aioredis.Redis, runner: JobRunner, settings: IoWorkerSettings, name: str | None = None
 ) -> StreamConsumer:
     """An io worker: a stream consumer that runs each job's runner on this event loop."""
-    consumer = StreamConsumer(redis, lambda job_id, _entry: runner.run(job_id), settings, name)
+    consumer = StreamConsumer(
+        redis, lambda job_id, entry_id, _fields: runner.run(job_id, entry_id), settings, name
+    )
     runner.is_cancelled = consumer.is_cancelled
     return consumer
 
 
 class StreamConsumer:
-    """Reads job ids from Redis Streams and hands each to ``execute``, many at once.
+    """Reads job ids from Redis Streams and hands each to ``execute`` (with its entry's id
+    and fields), many at once.
 
     The io worker's ``execute`` runs the job runner on this loop; the Ray and Dask engines'
     ``execute`` carries the job to their cluster and waits for it. Either way an entry is
@@ -111,7 +114,7 @@ class StreamConsumer:
     def __init__(
         self,
         redis: aioredis.Redis,
-        execute: Callable[[str, Mapping[str, str]], Awaitable[object]],
+        execute: Callable[[str, str, Mapping[str, str]], Awaitable[object]],
         settings: IoWorkerSettings,
         name: str | None = None,
     ) -> None:
@@ -219,7 +222,7 @@ class StreamConsumer:
     ) -> None:
         done = False
         try:
-            await self.execute(job_id, fields)
+            await self.execute(job_id, entry_id, fields)
             done = True
         except asyncio.CancelledError:
             # A user's cancel is final (the record says cancelled); a shutdown is not, and

@@ -437,7 +437,7 @@ class HeavyDispatcher:
         for queue in self.consumer.settings.queues:
             await ensure_group(self.redis, queue)
 
-    async def execute(self, job_id: str, entry: Mapping[str, str]) -> None:
+    async def execute(self, job_id: str, entry_id: str, entry: Mapping[str, str]) -> None:
         if "task" in entry:
             # The entry holds what launching needs, as the job was created: no read of the
             # record on the way. Whether it still runs is the runner's ``begin`` to decide.
@@ -446,6 +446,7 @@ class HeavyDispatcher:
             job = await self.store.get(job_id)
         if job is None or job.state.terminal:
             return  # expired, finished or cancelled before it left the stream
+        job.entry = entry_id
         engine = self.engines.get(job.engine)
         try:
             if engine is None:

@@ -32,9 +32,9 @@ from tasks import TaskSpec
 DASK_DASHBOARD = "127.0.0.1:8787"
 
 
-def run_in_dask(config: WorkerConfig, job_id: str) -> str | None:
+def run_in_dask(config: WorkerConfig, job_id: str, entry: str) -> str | None:
     """The Dask task every Dask job travels as."""
-    return run_job_here(config, job_id, "dask")
+    return run_job_here(config, job_id, "dask", entry)
 
 
 def _local_dashboard() -> str | None:
@@ -96,6 +96,7 @@ class DaskEngine(ClusterEngine):
             run_in_dask,
             self.config,
             job.id,
+            job.entry,
             # One key per job: a dispatcher that takes the job over from a gateway that
             # went away finds the task still there (see below) and waits for it, rather
             # than starting the job a second time.

@@ -62,12 +62,12 @@ KEEPER_START_TIMEOUT_S = 180.0
 KEEPER_STOP_S = 30.0
 
 
-def ray_task_for(config: WorkerConfig) -> Callable[[str], str | None]:
+def ray_task_for(config: WorkerConfig) -> Callable[[str, str], str | None]:
     """The Ray task every heavy job travels as, its config built in: Ray ships the config
     once with the function rather than with every job."""
 
-    def run_in_ray(job_id: str) -> str | None:
-        return run_job_here(config, job_id, "ray")
+    def run_in_ray(job_id: str, entry: str) -> str | None:
+        return run_job_here(config, job_id, "ray", entry)
 
     return run_in_ray
 
@@ -258,7 +258,7 @@ class RayEngine(ClusterEngine):
                 enable_task_events=self.settings.engines.ray_task_events,
                 **options,
             )
-        return remote.remote(job.id)
+        return remote.remote(job.id, job.entry)
 
     async def _wait(self, handle: Any) -> None:
         from ray.exceptions import RayTaskError

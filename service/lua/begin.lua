@@ -8,6 +8,11 @@
 -- ARGV[7]  this attempt's id, new for every call: the same call sent again (the client
 --          retries when a connection drops, even after Redis ran the script) finds its
 --          own attempt running and gets the record back without counting it twice
+-- ARGV[8]  the stream entry that delivered the job ("" where there is none: Celery). A
+--          running job is begun again only by the entry that began it (its worker was
+--          lost and the entry was taken over); any other entry of it is stale (say, the
+--          one its failed attempt came by, taken over after a retry had queued the next)
+--          and must not start a second attempt beside the running one
 -- Returns {"missing"}, {"skip", state} for a job that must not run (finished or
 -- cancelled), {"dead"} when a redelivered job is out of attempts, or
 -- {"run", field, value, ...} with the whole record after the update.
@@ -22,6 +27,12 @@ if current == 'running' and redis.call('HGET', KEYS[1], 'attempt_id') == ARGV[7]
 end
 if current ~= 'queued' and current ~= 'retrying' and current ~= 'running' then
   return {'skip', current}
+end
+if current == 'running' and ARGV[8] ~= '' then
+  local began = redis.call('HGET', KEYS[1], 'entry')
+  if began and began ~= '' and began ~= ARGV[8] then
+    return {'skip', current}
+  end
 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 local max_attempts = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or '1')
@@ -38,7 +49,7 @@ if attempts > max_attempts then
 end
 if current == 'retrying' then redis.call('ZREM', KEYS[3], ARGV[1]) end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
-           'attempt_id', ARGV[7])
+           'attempt_id', ARGV[7], 'entry', ARGV[8])
 -- A new attempt starts clean: its own progress, no error or due time of the one before.
 redis.call('HDEL', KEYS[1], 'progress', 'error', 'run_at')
 redis.call('HINCRBY', KEYS[2], 'begun' .. counted, 1)
