@@ -8,8 +8,9 @@ tokens the gateway is open to whoever can reach it, as a local ``corefleet up`` 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -26,16 +27,24 @@ _OPEN_PREFIX = "/dashboard/"
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def _matches(token: str, tokens: tuple[str, ...]) -> bool:
-    # Compared in constant time, against every token: timing tells nothing.
+def _digest(token: str) -> bytes:
+    # Any bytes a client sends (aiohttp hands undecodable ones over as surrogates).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def _matches(sent: bytes, digests: Iterable[bytes]) -> bool:
+    # Digests of equal length, compared in constant time against every token: the
+    # timing tells neither a token's length nor which one matched.
     found = False
-    for candidate in tokens:
-        found |= hmac.compare_digest(token.encode(), candidate.encode())
+    for digest in digests:
+        found |= hmac.compare_digest(sent, digest)
     return found
 
 
 def token_auth(settings: GatewaySettings) -> Any:
     """The middleware; with no tokens configured it lets everything through."""
+    full = [_digest(token) for token in settings.api_tokens]
+    reading = [_digest(token) for token in settings.read_tokens]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -44,9 +53,11 @@ def token_auth(settings: GatewaySettings) -> Any:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("this gateway needs an API token: Authorization: Bearer <token>")
-        if _matches(token, settings.api_tokens):
+        sent = _digest(token)
+        may_write, may_read = _matches(sent, full), _matches(sent, reading)
+        if may_write:
             return await handler(request)
-        if not _matches(token, settings.read_tokens):
+        if not may_read:
             raise Unauthorized("the API token is not valid here")
         if request.method not in _READ_METHODS:
             raise Forbidden(f"this token may only read; {request.method} needs an API token")

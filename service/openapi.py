@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.auth import OPEN_PATHS
 from service.jobs import JobState
 from tasks.context import MAX_DELAY_S
 
@@ -19,6 +20,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {
         400: "Bad request",
+        401: "No valid API token (where the deployment has tokens)",
+        403: "A read token asked to change something",
         404: "Not found",
         409: "Conflict",
         413: "Body too large",
@@ -130,6 +133,18 @@ _OBJECT = {"type": "object"}
 
 
 def openapi_document() -> dict[str, Any]:
+    document = _document()
+    # Where the deployment has tokens, every path but the open ones answers 401 without
+    # one, and a read token gets 403 for anything but reading.
+    for path, operations in document["paths"].items():
+        if path in OPEN_PATHS or path.startswith("/dashboard/"):
+            continue
+        for method, operation in operations.items():
+            operation["responses"].update(_errors(401, *(() if method == "get" else (403,))))
+    return document
+
+
+def _document() -> dict[str, Any]:
     body = {"required": True, "content": {"application/json": {"schema": _ref("SubmitJob")}}}
     batch_schema = {
         "type": "object",

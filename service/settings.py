@@ -9,6 +9,7 @@ every variable, and a test keeps the two in step.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,14 +65,17 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 
 #: The shortest API token accepted: shorter ones are guessable.
 MIN_TOKEN_CHARS = 16
+#: What a bearer token is made of (RFC 6750): what every client can send in a header.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
 
 
 def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     tokens = _list(env, name)
     for token in tokens:
-        if len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token:
+        if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.match(token):
             raise SettingsError(
-                f"each token in {name} must be at least {MIN_TOKEN_CHARS} visible characters"
+                f"each token in {name} must be at least {MIN_TOKEN_CHARS} characters of "
+                "A-Z a-z 0-9 . _ ~ + / = -"
             )
     return tokens
 
@@ -82,9 +86,9 @@ class GatewaySettings:
     port: int = 8000
     #: Bearer tokens that may use the whole API; with none (nor read tokens) the API is
     #: open to whoever reaches the gateway.
-    api_tokens: tuple[str, ...] = ()
-    #: Bearer tokens that may only read (GET): ops views, dashboards, scrapers.
-    read_tokens: tuple[str, ...] = ()
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    #: Bearer tokens that may only read (GET, HEAD): ops views, dashboards, scrapers.
+    read_tokens: tuple[str, ...] = field(default=(), repr=False)
     #: Largest request body accepted; larger ones get a 413.
     max_body_bytes: int = 1024 * 1024
     #: Longest ``?wait=`` a client may ask for, in seconds.
@@ -233,7 +237,7 @@ class Settings:
             idempotency_ttl_s=_int(
                 env, "COREFLEET_IDEMPOTENCY_TTL_S", DEFAULT_IDEMPOTENCY_TTL_S, minimum=1
             ),
-            max_queue_length=_int(env, "COREFLEET_MAX_QUEUE_LENGTH", 0),
+            max_queue_length=_int(env, "COREFLEET_MAX_QUEUE_LENGTH", 0, minimum=0),
             log_level=env.get("COREFLEET_LOG_LEVEL", "INFO").upper(),
             gateway=gateway,
             io=io,
@@ -245,8 +249,6 @@ class Settings:
 
 def env_names() -> set[str]:
     """Every ``COREFLEET_*`` variable the program reads (for docs and config checks)."""
-    import re
-
     names: set[str] = set()
     root = Path(__file__).resolve().parent.parent
     for package in ("service", "tasks", "clients"):

@@ -104,14 +104,28 @@ async def test_the_python_clients_send_their_token(guarded: Gateway) -> None:
     assert await asyncio.to_thread(blocking) == "succeeded"
 
 
+async def test_a_token_of_bytes_no_token_has_is_a_401_not_a_500(guarded: Gateway) -> None:
+    host, port = guarded.server.host, guarded.server.port
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer \xff\xfe-not-utf8-0123456789\r\n\r\n"
+    )
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 401"), status_line
+
+
 def test_weak_tokens_are_refused_at_start() -> None:
-    with pytest.raises(SettingsError, match="at least 16"):
-        Settings.from_env({"COREFLEET_API_TOKENS": "short"})
+    for weak in ("short", "caf\u00e9-0123456789abcdef", "with space 0123456789"):
+        with pytest.raises(SettingsError, match="at least 16"):
+            Settings.from_env({"COREFLEET_API_TOKENS": weak})
     settings = Settings.from_env(
         {"COREFLEET_API_TOKENS": f"{API_TOKEN}, {API_TOKEN}x", "COREFLEET_READ_TOKENS": READ_TOKEN}
     )
     assert settings.gateway.api_tokens == (API_TOKEN, API_TOKEN + "x")
     assert settings.gateway.read_tokens == (READ_TOKEN,)
+    assert API_TOKEN not in repr(settings)  # never in a log line that prints the settings
 
 
 async def test_the_dashboard_asks_for_a_token_and_a_read_token_cannot_submit(

@@ -29,23 +29,31 @@ async function api(method, path, body) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const response = await fetch(path, init);
+  const response = await fetch(path, init).catch((error) => {
+    // A token no header can carry: ask for another one.
+    if (error instanceof TypeError && sessionStorage.getItem(TOKEN_KEY)) askForToken(error.message, true);
+    throw error;
+  });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = data.error || {};
     const message = `${response.status} ${error.code || ""}: ${error.message || response.statusText}`;
     if (response.status === 401) {
-      askForToken(message);
+      askForToken(message, true);
       throw new Unauthorized(message);
     }
+    if (response.status === 403) askForToken(`${message} (an API token may)`, false);
     throw new Error(message);
   }
   return data;
 }
 
-function askForToken(why) {
+// Shows the token form; ``forget``: the token kept is no good, drop it.
+function askForToken(why, forget) {
+  if (forget) sessionStorage.removeItem(TOKEN_KEY);
   $("login").hidden = false;
   $("login-reason").textContent = why;
+  $("change-token").hidden = false;
 }
 
 function cell(text, className) {
@@ -96,24 +104,28 @@ function render(job) {
   return tr;
 }
 
+let listing = 0; // the newest listing asked for: an older answer is dropped
+
 async function reloadJobs() {
   reloadTimer = null;
   reloading = true;
   changedMeanwhile = false;
+  const mine = ++listing;
   try {
     const state = $("state-filter").value;
     const query = new URLSearchParams({ limit: String(PAGE) });
     if (state) query.set("state", state);
     const page = await api("GET", `/v1/jobs?${query}`);
+    if (mine !== listing) return;
     rows.clear();
     $("jobs").tBodies[0].replaceChildren(...page.jobs.map(render));
     $("jobs-empty").hidden = page.jobs.length > 0;
   } catch (error) {
     console.warn("listing jobs failed", error);
   } finally {
-    reloading = false;
+    if (mine === listing) reloading = false;
   }
-  if (changedMeanwhile) scheduleReload(); // the page may predate what the events said
+  if (mine === listing && changedMeanwhile) scheduleReload(); // the page may predate the events
 }
 
 function scheduleReload() {
@@ -229,16 +241,26 @@ async function follow() {
 }
 
 async function followLoop() {
+  let pause = 1000; // before reconnecting; doubles while the stream keeps failing
   for (;;) {
     try {
-      const response = await fetch("/v1/events", { headers: authHeaders() });
+      let response;
+      try {
+        response = await fetch("/v1/events", { headers: authHeaders() });
+      } catch (error) {
+        if (!(error instanceof TypeError && sessionStorage.getItem(TOKEN_KEY))) throw error;
+        setLive(false, "needs a token");
+        askForToken(`this token cannot be sent: ${error.message}`, true);
+        return;
+      }
       if (response.status === 401) {
         setLive(false, "needs a token");
-        askForToken("401 unauthorized: this gateway needs an API token");
+        askForToken("401 unauthorized: this gateway needs an API token", true);
         return; // the token form starts it again
       }
       if (!response.ok) throw new Error(`GET /v1/events: ${response.status}`);
       setLive(true, "live");
+      pause = 1000;
       reloadAll();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -256,7 +278,8 @@ async function followLoop() {
       console.info("the event stream broke off", error);
     }
     setLive(false, "reconnecting");
-    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await new Promise((resolve) => setTimeout(resolve, pause));
+    pause = Math.min(30000, pause * 2);
   }
 }
 
@@ -322,6 +345,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("state-filter").addEventListener("change", reloadJobs);
   $("submit-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelSelected);
+  $("change-token").addEventListener("click", () => askForToken("", false));
   $("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
