@@ -13,8 +13,8 @@
 --          lost and the entry was taken over); any other entry of it is stale (say, the
 --          one its failed attempt came by, taken over after a retry had queued the next)
 --          and must not start a second attempt beside the running one
--- Returns {"missing"}, {"skip", state} for a job that must not run (finished or
--- cancelled), {"dead"} when a redelivered job is out of attempts, or
+-- Returns {"missing"}, {"skip", state} for a job that must not run (finished, cancelled,
+-- or running from another entry), {"dead"} when a redelivered job is out of attempts, or
 -- {"run", field, value, ...} with the whole record after the update.
 local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
