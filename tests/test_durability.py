@@ -37,6 +37,22 @@ async def test_queued_jobs_survive_a_redis_restart(
     assert (await bare_gateway.submit("io.echo", "after"))["state"] == "queued"
 
 
+async def test_delayed_jobs_survive_a_redis_restart(
+    bare_gateway: Gateway, redis_server: RedisServer, redis: aioredis.Redis, settings: Settings
+) -> None:
+    """A job waiting for its delay_s is in Redis: after a restart of Redis it is still due,
+    and the gateway's scheduler, reconnected, queues it on time."""
+    job = await bare_gateway.submit("io.echo", "later", delay_s=1.5)
+    redis_server.restart()
+    worker = Proc(["io-worker"], env_with(COREFLEET_REDIS_URL=settings.redis))
+    try:
+        done = await bare_gateway.wait(job["id"])
+    finally:
+        worker.stop()
+    assert done["state"] == "succeeded" and done["result"] == "later"
+    assert done["started_at"] >= job["run_at"]  # ISO 8601 in UTC sorts as time does
+
+
 async def test_running_jobs_survive_a_gateway_crash(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
