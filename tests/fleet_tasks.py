@@ -229,3 +229,11 @@ def ray_flaky(fail_times: int, ctx: TaskContext) -> int:
     if ctx.attempt <= fail_times:
         raise ConnectionError(f"attempt {ctx.attempt} failed")
     return ctx.attempt
+
+
+@task("test.dask_retry_now", kind="heavy", engine="dask")
+def dask_retry_now(ctx: TaskContext) -> int:
+    """Ask to be run again at once, once; then return the attempt."""
+    if ctx.attempt == 1:
+        raise Retry("again", delay_s=0)
+    return ctx.attempt

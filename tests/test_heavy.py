@@ -563,3 +563,10 @@ async def test_a_ray_task_is_retried_after_a_retryable_error(heavy_gateway: Gate
     job = await heavy_gateway.submit("test.ray_flaky", 1)
     done = await heavy_gateway.wait(job["id"], 60)
     assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2
+
+
+async def test_a_dask_job_retried_at_once_runs_again(heavy_gateway: Gateway) -> None:
+    """The retry comes by a new stream entry and is launched as a new Dask task."""
+    job = await heavy_gateway.submit("test.dask_retry_now")
+    done = await heavy_gateway.wait(job["id"], 60)
+    assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2

@@ -97,10 +97,11 @@ class DaskEngine(ClusterEngine):
             self.config,
             job.id,
             job.entry,
-            # One key per job: a dispatcher that takes the job over from a gateway that
-            # went away finds the task still there (see below) and waits for it, rather
-            # than starting the job a second time.
-            key=f"{job.task}-{job.id}",
+            # One key per queue entry: a dispatcher that takes the entry over from a
+            # gateway that went away finds the task still there (see below) and waits for
+            # it, rather than starting the job a second time; a retry comes by a new entry
+            # and runs anew (under the same key Dask would hand back the finished task).
+            key=f"{job.task}-{job.id}-{job.entry}",
             retries=0,
         )
         # The scheduler keeps the task when this client goes away, as its outcome reaches
