@@ -412,8 +412,9 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: the record at each state change (``state``) and each progress
-    report while it runs (``progress``), ending when the job is terminal."""
+    """Server-Sent Events: the record at each change of state or attempt (``state``) and
+    each progress report while it runs (``progress``), ending when the job is terminal.
+    Changes closer together than the stream reads the record arrive as one, the newest."""
     job_id = _job_id(request)
     store = request.app[STORE]
     with request.app[HUB].watch(job_id) as changed:  # watch first: no change is missed
@@ -429,13 +430,14 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 async def _stream_job(
     response: web.StreamResponse, job: Job | None, changed: Watch, store: JobStore
 ) -> None:
-    sent: JobState | None = None
+    # A new attempt is news even in the same state (running again after a lost worker).
+    sent: tuple[JobState, int] | None = None
     sent_progress: dict[str, Any] | None = None
     while job is not None:
         changed.clear()
-        if job.state is not sent:
+        if (job.state, job.attempts) != sent:
             await response.write(_sse("state", job.to_api()))
-            sent, sent_progress = job.state, job.progress
+            sent, sent_progress = (job.state, job.attempts), job.progress
         elif job.progress is not None and job.progress != sent_progress:
             await response.write(_sse("progress", {"id": job.id, **job.progress}))
             sent_progress = job.progress

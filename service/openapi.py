@@ -279,8 +279,8 @@ def _document() -> dict[str, Any]:
             },
             "/v1/jobs/{id}/events": {
                 "get": {
-                    "summary": "Server-Sent Events: the record at each state change (state) "
-                    "and each progress report (progress), to the end",
+                    "summary": "Server-Sent Events: the record at each change of state or "
+                    "attempt (state) and each progress report (progress), to the end",
                     "parameters": [_JOB_ID],
                     "responses": {
                         "200": {

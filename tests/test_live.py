@@ -78,6 +78,25 @@ async def test_progress_is_recorded_and_pushed_to_the_jobs_stream(
         assert done["progress"] == {"fraction": 0.5, "message": "halfway"}
 
 
+async def test_the_jobs_stream_tells_of_a_new_attempt_in_the_same_state(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A job begun again after its worker was lost is running before and after: the
+    stream still sends the record of the new attempt."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    await store.begin(job["id"], "worker-a", "1-1")
+    url = f"{bare_gateway.url}/v1/jobs/{job['id']}/events"
+    async with bare_gateway.session.get(url) as response:
+        events = sse(response)
+        name, record = await anext(events)
+        assert (name, record["state"], record["attempts"]) == ("state", "running", 1)
+        await store.begin(job["id"], "worker-b", "1-1")  # taken over: attempt 2
+        async with asyncio.timeout(10):
+            name, record = await anext(events)
+        assert (name, record["state"], record["attempts"]) == ("state", "running", 2)
+
+
 async def test_an_out_of_range_progress_fails_the_job_with_the_reason(gateway: Gateway) -> None:
     job = await gateway.submit("test.bad_progress", 1.5)
     done = await gateway.wait(job["id"])
