@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from service import ids, keys
+from service import ids
 from service.auth import token_auth
 from service.dashboard import Dashboard
 from service.engines import build_engines
@@ -517,19 +517,20 @@ async def list_tasks(request: web.Request) -> web.Response:
 async def list_queues(request: web.Request) -> web.Response:
     """Each engine's state, and depth, running jobs and workers per queue; and how many
     jobs wait for their time (``delay_s``, or the backoff before a retry)."""
-    delayed = await request.app[REDIS].zcard(keys.DELAYED)
-    return web.json_response({"engines": await _engine_statuses(request.app), "delayed": delayed})
+    return web.json_response(await _queues(request.app))
 
 
-async def _engine_statuses(app: web.Application) -> dict[str, dict[str, Any]]:
-    """Each engine's state and queues, as /v1/queues and /metrics show them."""
-    return {name: await engine.status() for name, engine in app[ENGINES].items()}
+async def _queues(app: web.Application) -> dict[str, Any]:
+    """Each engine's state and queues, and the delayed jobs: what /v1/queues shows and
+    /metrics turns into gauges."""
+    engines = {name: await engine.status() for name, engine in app[ENGINES].items()}
+    return {"engines": engines, "delayed": await app[STORE].delayed()}
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Job counters, queue gauges and HTTP metrics in Prometheus' text format."""
-    engines = await _engine_statuses(request.app)
-    text = await render(request.app[REDIS], engines, request.app[HTTP_METRICS])
+    queues = await _queues(request.app)
+    text = await render(request.app[REDIS], queues, request.app[HTTP_METRICS])
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -92,12 +92,10 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-async def render(
-    redis: aioredis.Redis, engines: Mapping[str, dict[str, Any]], http: HttpMetrics
-) -> str:
-    """The whole exposition: job counters, queue gauges and HTTP metrics."""
+async def render(redis: aioredis.Redis, queues: Mapping[str, Any], http: HttpMetrics) -> str:
+    """The whole exposition: job counters, queue gauges (``queues`` as /v1/queues shows
+    them) and HTTP metrics."""
     raw: dict[str, str] = await redis.hgetall(keys.STATS)  # type: ignore[misc]  # redis-py
-    delayed = await redis.zcard(keys.DELAYED)
     lines: list[str] = []
     by_metric: dict[str, list[tuple[dict[str, str], float]]] = {}
     for field, count in raw.items():
@@ -110,12 +108,12 @@ async def render(
         by_metric.setdefault(name, []).append((labels, float(count)))
     for name, help_text in (*_JOB_EVENTS.values(), _FINISHED):
         lines += _family(name, "counter", help_text, by_metric.get(name, []))
-    lines += _queue_gauges(engines)
+    lines += _queue_gauges(queues["engines"])
     lines += _family(
         "corefleet_jobs_delayed",
         "gauge",
         "Jobs waiting for their time (delay_s, or the backoff before a retry).",
-        [({}, float(delayed))],
+        [({}, float(queues["delayed"]))],
     )
     lines += _http(http)
     return "\n".join(lines) + "\n"

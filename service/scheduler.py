@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from service.engines.base import Engine
 from service.errors import CorefleetError
 from service.jobs import JobState
-from service.store import Dispatch, JobStore
+from service.store import JobStore
 
 log = logging.getLogger("corefleet.scheduler")
 
@@ -33,8 +33,6 @@ MAX_WAIT_S = 0.5
 #: How long a due job this gateway could not queue (its engine unreachable or not enabled
 #: here) is left before this gateway tries again.
 HOLD_S = 30.0
-#: What a release of a job that no longer waits uses: the script only takes it off the set.
-_NOWHERE = Dispatch("xadd", "", "")
 
 
 class Scheduler:
@@ -77,7 +75,7 @@ class Scheduler:
     async def _release(self, job_id: str, due_ms: int) -> None:
         job = await self.store.get(job_id)
         if job is None or job.state not in (JobState.QUEUED, JobState.RETRYING):
-            await self.store.release(job_id, due_ms, _NOWHERE)  # gone, cancelled or begun
+            await self.store.release(job_id, due_ms, None)  # gone, cancelled or begun
             return
         engine = self.engines.get(job.engine)
         try:

@@ -336,14 +336,20 @@ class JobStore:
         wait = (upcoming[0][1] - now_ms) / 1000 if upcoming else None
         return [(job_id, int(score)) for job_id, score in ready], wait
 
-    async def release(self, job_id: str, due_ms: int, where: Dispatch) -> bool:
+    async def delayed(self) -> int:
+        """How many jobs wait for their time (a ``delay_s``, or the backoff of a retry)."""
+        return int(await self.redis.zcard(keys.DELAYED))
+
+    async def release(self, job_id: str, due_ms: int, where: Dispatch | None) -> bool:
         """Queue a delayed job that was due at ``due_ms``, unless another gateway did, it
-        no longer waits, or it was set aside again for a later time. A cluster's
+        no longer waits, or it was set aside again for a later time; with ``where`` None
+        (a job that no longer waits) it only leaves the delayed set. A cluster's
         dispatcher reads the record of a job queued this way."""
-        op = "lpush" if where.op == "lpush" else "xadd"
-        value = job_id if op == "xadd" else where.value
+        op = "lpush" if where is not None and where.op == "lpush" else "xadd"
+        value = where.value if where is not None and op == "lpush" else job_id
+        queue = where.key if where is not None else ""
         done = await self.batch.script(
-            "release", [keys.DELAYED, keys.job(job_id), where.key], [job_id, op, value, due_ms]
+            "release", [keys.DELAYED, keys.job(job_id), queue], [job_id, op, value, due_ms]
         )
         return bool(done)
 
