@@ -75,6 +75,14 @@ class JobError:
         return {"type": self.type, "message": self.message}
 
 
+#: A job's priority levels, in the order workers take them: of the jobs waiting on a queue,
+#: a worker with room for one more takes a ``high`` job first and a ``low`` one last. A
+#: job that runs is never interrupted for another.
+PRIORITIES = ("high", "normal", "low")
+#: The level of a job that names none.
+DEFAULT_PRIORITY = "normal"
+
+
 # Fields stored as JSON text in the hash; the rest are plain strings or integers.
 _JSON_FIELDS = ("args", "kwargs", "options", "result", "error", "progress")
 
@@ -109,6 +117,11 @@ class Job:
     attempt_id: str = ""
     #: The stream entry that delivered the job to a cluster dispatcher (not stored).
     entry: str = ""
+
+    @property
+    def priority(self) -> str:
+        """The job's priority level (option ``priority``)."""
+        return str(self.options.get("priority", DEFAULT_PRIORITY))
 
     def to_hash(self) -> dict[str, str]:
         """The fields written to Redis when the job is created."""

@@ -2,6 +2,8 @@
 
 import hashlib
 
+from service.jobs import DEFAULT_PRIORITY, PRIORITIES
+
 PREFIX = "cf:"
 
 #: Pub/sub channel that carries every job state change as ``{"id", "state", "from"}``, and
@@ -37,9 +39,19 @@ def idempotency(key: str) -> str:
     return f"{PREFIX}idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def stream(queue: str) -> str:
-    """The Redis Stream that carries the ids of jobs waiting on an asyncio queue."""
-    return f"{PREFIX}stream:{queue}"
+def stream(queue: str, priority: str = DEFAULT_PRIORITY) -> str:
+    """The Redis Stream that carries the ids of a stream queue's jobs of one priority level.
+
+    ``normal`` jobs travel on ``cf:stream:{queue}``, the others on a stream of their own
+    (queue names cannot hold ``#``).
+    """
+    base = f"{PREFIX}stream:{queue}"
+    return base if priority == DEFAULT_PRIORITY else f"{base}#{priority}"
+
+
+def streams(queue: str) -> tuple[str, ...]:
+    """Every stream of a stream queue, in the order its consumers take them."""
+    return tuple(stream(queue, priority) for priority in PRIORITIES)
 
 
 def consumers(queue: str) -> str:

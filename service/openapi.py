@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.auth import OPEN_PATHS
-from service.jobs import JobState
+from service.jobs import DEFAULT_PRIORITY, PRIORITIES, JobState
 from tasks.context import MAX_DELAY_S
 
 
@@ -54,6 +54,11 @@ _SUBMIT = {
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                 "require_worker": {"type": "boolean"},
+                "priority": {
+                    "enum": list(PRIORITIES),
+                    "default": DEFAULT_PRIORITY,
+                    "description": "Of the jobs waiting on a queue, workers take high first",
+                },
                 "delay_s": {
                     "type": "number",
                     "minimum": 0,

@@ -66,6 +66,9 @@ class Dispatch:
     op: Literal["xadd", "xadd-job", "lpush", "delay"]
     key: str
     value: str
+    #: Every key of the job's queue, one per priority level (``key`` among them): their
+    #: lengths summed are the queue's length, which back-pressure limits.
+    queue_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,8 @@ class JobStore:
                 where = Dispatch("delay", keys.DELAYED, str(_unix_ms(job.run_at)))
             fields = job.to_hash()
             script_keys += [keys.job(job.id), where.key]
-            args += [where.op, where.value, len(fields)]
+            counted = where.queue_keys or (where.key,)
+            args += [where.op, where.value, len(counted), *counted, len(fields)]
             for name, value in fields.items():
                 args += [name, value]
         if once is not None:

@@ -23,7 +23,7 @@ from service.errors import (
     InvalidBody,
     UnknownTask,
 )
-from service.jobs import Job, iso
+from service.jobs import DEFAULT_PRIORITY, PRIORITIES, Job, iso
 from service.store import JobStore, Once
 from tasks import Registry, bind_arguments
 from tasks.context import MAX_DELAY_S
@@ -33,7 +33,15 @@ _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 #: The job options a submit may carry.
-OPTIONS = ("delay_s", "max_attempts", "queue", "require_worker", "resources", "timeout_s")
+OPTIONS = (
+    "delay_s",
+    "max_attempts",
+    "priority",
+    "queue",
+    "require_worker",
+    "resources",
+    "timeout_s",
+)
 
 
 def _check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +64,11 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
     if queue is not None and queue.startswith(keys.PREFIX):
         # A Celery queue is a Redis list of that very name: it must not be one of ours.
         raise InvalidBody(f"options.queue must not start with {keys.PREFIX!r} (corefleet's own)")
+    if options.get("priority", DEFAULT_PRIORITY) not in PRIORITIES:
+        raise InvalidBody(
+            f"options.priority must be one of {', '.join(PRIORITIES)}",
+            {"allowed": list(PRIORITIES)},
+        )
     if not isinstance(options.get("require_worker", False), bool):
         raise InvalidBody("options.require_worker must be true or false")
     delay = options.get("delay_s")

@@ -157,6 +157,13 @@ def _celery_ping(redis_url: str) -> bool:
         app.close()
 
 
+async def celery_waiting(redis: aioredis.Redis, queue: str) -> int:
+    """How many messages wait in a Celery queue, over all its priority lists."""
+    from service.engines.celery_ import celery_lists
+
+    return sum([await redis.llen(name) for name in celery_lists(queue)])  # type: ignore[misc]
+
+
 async def wait_gone(pid: int, within: float = 30) -> None:
     """Wait until process ``pid`` has exited (a kill is not instant)."""
     async with asyncio.timeout(within):

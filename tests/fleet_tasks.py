@@ -237,3 +237,34 @@ def dask_retry_now(ctx: TaskContext) -> int:
     if ctx.attempt == 1:
         raise Retry("again", delay_s=0)
     return ctx.attempt
+
+
+@task("test.io_gate", kind="io")
+async def io_gate(ctx: TaskContext) -> None:
+    """Hold its io worker's slot until the test pushes ``test:release:{job id}``."""
+    await _redis().blpop([f"test:release:{ctx.job_id}"], timeout=120)
+
+
+@task("test.note", kind="io")
+async def note(label: str) -> None:
+    """Append ``label`` to ``test:order``: the order jobs ran in."""
+    await _redis().rpush("test:order", label)
+
+
+@task("test.cpu_gate", kind="cpu")
+def cpu_gate(ctx: TaskContext) -> None:
+    """Hold its Celery child until the test pushes ``test:release:{job id}``."""
+    _sync_redis().blpop([f"test:release:{ctx.job_id}"], timeout=120)
+
+
+@task("test.cpu_note", kind="cpu")
+def cpu_note(label: str) -> None:
+    """Append ``label`` to ``test:order`` from a Celery child."""
+    _sync_redis().rpush("test:order", label)
+
+
+@task("test.dask_hold", kind="heavy", engine="dask")
+def dask_hold(seconds: float) -> float:
+    """Block a Dask worker ``seconds``; return them."""
+    time.sleep(seconds)  # sleep-ok: the point of the task: a Dask task that takes time
+    return seconds

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from clients import AsyncClient
 from service.errors import QueueFull
 from service.settings import Settings
-from tests.conftest import Gateway, start_gateway
+from tests.conftest import Gateway, celery_waiting, start_gateway
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ async def test_a_batch_that_would_overfill_a_queue_is_refused_whole(
     status, body = await small.call("POST", "/v1/jobs/batch", json={"jobs": jobs})
     assert status == 429 and body["error"]["detail"]["queue"] == "io"
     assert await redis.zcard("cf:jobs") == 2  # not even the cpu job
-    assert await redis.llen("cpu") == 0
+    assert await celery_waiting(redis, "cpu") == 0
 
 
 async def test_an_idempotent_resend_still_gets_its_job_from_a_full_queue(

@@ -11,7 +11,14 @@ import redis.asyncio as aioredis
 
 from clients import AsyncProducer, InvalidArguments
 from service.settings import Settings
-from tests.conftest import CeleryWorker, Gateway, wait_gone, wait_state, wait_workers
+from tests.conftest import (
+    CeleryWorker,
+    Gateway,
+    celery_waiting,
+    wait_gone,
+    wait_state,
+    wait_workers,
+)
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 
@@ -77,7 +84,7 @@ async def test_a_per_job_queue_routes_elsewhere(gateway: Gateway, redis: aioredi
     """options.queue sends the message to that Celery queue; no worker there, so it waits."""
     job = await gateway.submit("cpu.count_primes", 10, queue="cpu-elsewhere")
     assert job["queue"] == "cpu-elsewhere"
-    assert await redis.llen("cpu-elsewhere") == 1
+    assert await celery_waiting(redis, "cpu-elsewhere") == 1
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "queued"
 
 
@@ -133,7 +140,7 @@ async def test_cancel_of_a_queued_cpu_job_means_it_never_runs(
     marker = await gateway.wait((await gateway.submit("cpu.count_primes", 10))["id"], 60)
     assert marker["state"] == "succeeded"
     # The worker has taken the cancelled message and skipped it: the list is empty.
-    assert await redis.llen("cpu") == 0
+    assert await celery_waiting(redis, "cpu") == 0
     assert await redis.llen(f"test:started:{target['id']}") == 0
     assert (await gateway.wait(target["id"]))["attempts"] == 0
 

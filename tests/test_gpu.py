@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from service.gpus import visible_gpus
 from tasks.gpu import NoGPU, matmul
-from tests.conftest import TEST_TASKS, Gateway, wait_workers
+from tests.conftest import TEST_TASKS, Gateway, celery_waiting, wait_workers
 from tests.procs import Proc, RedisServer, env_with, process_tree, wait_until
 
 
@@ -21,7 +21,7 @@ async def test_without_a_gpu_worker_jobs_wait_and_require_worker_is_refused(
     """No gpu worker: a job stays queued, /v1/queues shows 0, require_worker gets 503."""
     job = await gateway.submit("gpu.matmul", 8)
     assert (job["engine"], job["queue"]) == ("celery", "gpu")
-    assert await redis.llen("gpu") == 1
+    assert await celery_waiting(redis, "gpu") == 1
     _status, queues = await gateway.call("GET", "/v1/queues")
     assert queues["engines"]["celery"]["queues"]["gpu"]["workers"] == 0
     before = set(await redis.keys("cf:job:*"))

@@ -570,3 +570,16 @@ async def test_a_dask_job_retried_at_once_runs_again(heavy_gateway: Gateway) -> 
     job = await heavy_gateway.submit("test.dask_retry_now")
     done = await heavy_gateway.wait(job["id"], 60)
     assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2
+
+
+async def test_ray_and_dask_jobs_of_every_priority_run(heavy_gateway: Gateway) -> None:
+    """Each priority has its own stream; the dispatchers read them all (Dask also gets the
+    priority, for the tasks waiting in its scheduler)."""
+    jobs = [
+        await heavy_gateway.submit(task, 0, priority=priority)
+        for task in ("test.ray_hold", "test.dask_hold")
+        for priority in ("high", "normal", "low")
+    ]
+    for job in jobs:
+        done = await heavy_gateway.wait(job["id"], 60)
+        assert done["state"] == "succeeded", done

@@ -1,8 +1,10 @@
 """The asyncio engine: io jobs travel on Redis Streams and run on one event loop each.
 
-A job's id is added to ``cf:stream:{queue}`` in the MULTI that stores the job. io workers
-read with a consumer group, run up to ``concurrency`` jobs at once, and acknowledge an
-entry only after the runner has stored the outcome. An entry whose consumer went silent
+A job's id is added to its queue's stream for its priority (``cf:stream:{queue}``, or
+``...#high`` / ``...#low``) in the script call that stores the job. io workers read with a
+consumer group, taking the highest priority first and never more than they have room for,
+run up to ``concurrency`` jobs at once, and acknowledge an entry only after the runner has
+stored the outcome. An entry whose consumer went silent
 for ``lease_s`` is claimed by another worker and run again; live workers renew their lease
 on the entries they hold, so a long job is never taken from a healthy worker.
 """
@@ -26,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import keys, presence
 from service.batching import Batcher
 from service.events import listen
-from service.jobs import Job
+from service.jobs import PRIORITIES, Job
 from service.runner import JobRunner
 from service.settings import IoWorkerSettings
 from service.store import LUA_DIR, Dispatch
@@ -50,7 +52,9 @@ class AsyncioEngine:
             await ensure_group(self.redis, queue)
 
     def dispatch(self, job: Job) -> Dispatch:
-        return Dispatch("xadd", keys.stream(job.queue), job.id)
+        return Dispatch(
+            "xadd", keys.stream(job.queue, job.priority), job.id, keys.streams(job.queue)
+        )
 
     async def cancel(self, job: Job) -> None:
         # Nothing to do here: the cancel transition publishes on keys.CANCEL, and the worker
@@ -68,23 +72,38 @@ class AsyncioEngine:
 
 
 async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
-    try:
-        await redis.xgroup_create(keys.stream(queue), keys.IO_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    """Create the consumer group of each of the queue's streams (one per priority)."""
+    for stream in keys.streams(queue):
+        try:
+            await redis.xgroup_create(stream, keys.IO_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
 
 async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
-    stream = keys.stream(queue)
-    waiting = running = 0
-    with contextlib.suppress(ResponseError):
-        for group in await redis.xinfo_groups(stream):
-            if group["name"] == keys.IO_GROUP:
-                running = int(group["pending"])
-                waiting = int(group.get("lag") or 0)
+    """Jobs waiting (in all, and per priority) and running on a stream queue; its workers."""
+    by_priority: dict[str, int] = {}
+    running = 0
+    for priority in PRIORITIES:
+        by_priority[priority] = 0
+        with contextlib.suppress(ResponseError):  # a stream not made yet: none
+            for group in await redis.xinfo_groups(keys.stream(queue, priority)):
+                if group["name"] == keys.IO_GROUP:
+                    running += int(group["pending"])
+                    by_priority[priority] = int(group.get("lag") or 0)
     workers = await presence.live(redis, queue)
-    return {"waiting": waiting, "running": running, "workers": len(workers)}
+    return {
+        "waiting": sum(by_priority.values()),
+        "waiting_by_priority": by_priority,
+        "running": running,
+        "workers": len(workers),
+    }
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A stream entry's fields as a script returns them (a flat list) made a mapping."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def consumer_name() -> str:
@@ -128,7 +147,9 @@ class StreamConsumer:
         self._cancelled: dict[str, str] = {}
         self._slot_freed = asyncio.Event()
         self._draining = False
-        self._batch = Batcher(redis, {"ack": (LUA_DIR / "ack.lua").read_text()})
+        self._batch = Batcher(
+            redis, {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("ack", "take")}
+        )
 
     def is_cancelled(self, job_id: str) -> bool:
         """Whether a cancel for ``job_id`` reached this consumer while it held the job."""
@@ -172,7 +193,7 @@ class StreamConsumer:
                 await presence.leave(self.redis, self.name, self.settings.queues)
 
     async def _read(self, stop: asyncio.Event) -> None:
-        streams: dict[Any, Any] = {keys.stream(q): ">" for q in self.settings.queues}
+        streams = self._streams()
         while not stop.is_set():
             free = self.settings.concurrency - len(self._held)
             if free <= 0:
@@ -181,9 +202,13 @@ class StreamConsumer:
                     await asyncio.wait_for(self._slot_freed.wait(), 1.0)
                 continue
             try:
-                reply = await self.redis.xreadgroup(
-                    keys.IO_GROUP, self.name, streams, count=min(free, 512), block=250
-                )
+                taken = await self._take(streams, min(free, 512))
+                if not taken:
+                    # Nothing waits: block until something comes, on any stream. One entry
+                    # per stream at most: the next ``take`` gets the rest in order.
+                    taken = await self.redis.xreadgroup(
+                        keys.IO_GROUP, self.name, dict.fromkeys(streams, ">"), count=1, block=250
+                    )
             except _REDIS_DOWN as exc:
                 log.warning("io worker cannot read (%s); retrying", exc)
                 await asyncio.sleep(0.5)  # back off while Redis is unreachable
@@ -202,10 +227,25 @@ class StreamConsumer:
                     log.error("cannot create the consumer groups (%s); retrying", again)
                     await asyncio.sleep(1.0)
                 continue
-            for stream, entries in reply or ():
+            for stream, entries in taken or ():
                 for entry_id, fields in entries:
                     if not self._start(stream, entry_id, fields):
                         await self._ack(stream, entry_id)
+            # Let the jobs just taken start before the next read is sent.
+            await asyncio.sleep(0)
+
+    def _streams(self) -> list[str]:
+        """Every stream of this consumer's queues, the highest priority first."""
+        queues = self.settings.queues
+        return [keys.stream(queue, priority) for priority in PRIORITIES for queue in queues]
+
+    async def _take(self, streams: list[str], count: int) -> list[tuple[str, Any]]:
+        """Up to ``count`` new entries, from the highest-priority streams first."""
+        reply = await self._batch.script("take", streams, [keys.IO_GROUP, self.name, count])
+        return [
+            (stream, [(entry_id, _pairs(flat)) for entry_id, flat in entries])
+            for stream, entries in reply
+        ]
 
     def _start(self, stream: str, entry_id: str, fields: dict[str, str] | None) -> bool:
         """Run the entry's job; False for an entry with no job (to be acknowledged)."""
@@ -288,11 +328,10 @@ class StreamConsumer:
 
     async def _reclaim(self) -> None:
         min_idle = int(self.settings.lease_s * 1000)
-        for queue in self.settings.queues:
+        for stream in self._streams():
             free = self.settings.concurrency - len(self._held)
             if free <= 0:
                 return
-            stream = keys.stream(queue)
             reply = await self.redis.xautoclaim(
                 stream, keys.IO_GROUP, self.name, min_idle, "0-0", count=min(free, 512)
             )

@@ -33,6 +33,24 @@ CELERY_TASK = "corefleet.run"
 VISIBILITY_MARGIN_S = 60
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"corefleet-gateway@{os.uname().nodename}"
+#: kombu's Redis transport keeps a queue's messages of each priority step in a list of its
+#: own (step 0 is the queue's own list; the others add this separator and the step), and
+#: its workers take from those lists in step order: 0 first.
+_PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+#: The kombu priority of each corefleet priority level. ``normal`` is not 0, so that
+#: ``high`` can come before it; a message sent with Celery's default (0) counts as high.
+CELERY_PRIORITY = {"high": 0, "normal": 3, "low": 6}
+
+
+def celery_list(queue: str, step: int) -> str:
+    """The Redis list holding ``queue``'s messages of one kombu priority step."""
+    return queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}"
+
+
+def celery_lists(queue: str) -> tuple[str, ...]:
+    """Every list of a Celery queue, in the order its workers take them."""
+    return tuple(celery_list(queue, step) for step in PRIORITY_STEPS)
 
 
 def visibility_timeout(settings: Settings) -> int:
@@ -84,7 +102,7 @@ def task_message(job: Job, limit: float) -> str:
                 "reply_to": "",
                 "delivery_mode": 2,
                 "delivery_info": {"exchange": "", "routing_key": job.queue},
-                "priority": 0,
+                "priority": CELERY_PRIORITY[job.priority],
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
             },
@@ -110,7 +128,12 @@ def make_celery_app(settings: Settings) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_default_queue="cpu",
-        broker_transport_options={"visibility_timeout": visibility_timeout(settings)},
+        # What a job sent through this app without a priority gets: corefleet's normal.
+        task_default_priority=CELERY_PRIORITY["normal"],
+        broker_transport_options={
+            "visibility_timeout": visibility_timeout(settings),
+            "priority_steps": list(PRIORITY_STEPS),
+        },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         enable_utc=True,
@@ -146,7 +169,8 @@ class CeleryEngine:
                 "(raise COREFLEET_VISIBILITY_TIMEOUT_S)",
                 {"max_timeout_s": ceiling},
             )
-        return Dispatch("lpush", job.queue, task_message(job, limit))
+        key = celery_list(job.queue, CELERY_PRIORITY[job.priority])
+        return Dispatch("lpush", key, task_message(job, limit), celery_lists(job.queue))
 
     async def cancel(self, job: Job) -> None:
         # Terminate the child running it; should the message come back, the runner sees
@@ -160,9 +184,19 @@ class CeleryEngine:
     async def status(self) -> dict[str, Any]:
         queues: dict[str, Any] = {}
         for queue in ("cpu", "gpu"):
-            depth = await self.redis.llen(queue)  # type: ignore[misc]  # sync/async union
+            pipe = self.redis.pipeline(transaction=False)
+            for key in celery_lists(queue):
+                pipe.llen(key)
+            lengths = dict(zip(PRIORITY_STEPS, await pipe.execute(), strict=True))
+            by_priority = {level: lengths[step] for level, step in CELERY_PRIORITY.items()}
+            # Messages of the step no corefleet level uses (Celery's lowest) count as low.
+            by_priority["low"] += lengths[PRIORITY_STEPS[-1]]
             workers = await self.workers(queue)
-            queues[queue] = {"waiting": int(depth), "workers": len(workers)}
+            queues[queue] = {
+                "waiting": sum(lengths.values()),
+                "waiting_by_priority": by_priority,
+                "workers": len(workers),
+            }
             if queue == "gpu":
                 queues[queue]["devices"] = [
                     {"worker": w["name"], **gpu} for w in workers for gpu in w.get("gpus", [])

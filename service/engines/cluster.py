@@ -189,7 +189,9 @@ class ClusterEngine:
             )
         if RESOURCES_OPTION in job.options:
             check_resources(job.options[RESOURCES_OPTION])
-        return Dispatch("xadd-job", keys.stream(job.queue), job.id)
+        return Dispatch(
+            "xadd-job", keys.stream(job.queue, job.priority), job.id, keys.streams(job.queue)
+        )
 
     async def cancel(self, job: Job) -> None:
         # The cancel transition publishes on keys.CANCEL; the dispatcher holding the job

@@ -103,6 +103,8 @@ class DaskEngine(ClusterEngine):
             # and runs anew (under the same key Dask would hand back the finished task).
             key=f"{job.task}-{job.id}-{job.entry}",
             retries=0,
+            # Of the tasks waiting in Dask, its scheduler runs the higher priority first.
+            priority=DASK_PRIORITY[job.priority],
         )
         # The scheduler keeps the task when this client goes away, as its outcome reaches
         # Redis without us. Without this, a gateway's exit releases the task: a queued one
@@ -127,6 +129,10 @@ class DaskEngine(ClusterEngine):
         task = asyncio.ensure_future(self._client.cancel([handle], force=True))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+
+
+#: Dask's priority (higher runs first) for each corefleet priority level.
+DASK_PRIORITY = {"high": 1, "normal": 0, "low": -1}
 
 
 def dask_banner(engines: EngineSettings) -> str:

@@ -191,7 +191,9 @@ class RayEngine(ClusterEngine):
     async def _jobs_waiting(self) -> bool:
         # XREAD from the start blocks until a stream holds an entry, waiting or pending,
         # without taking it from the dispatcher's group.
-        streams: dict[Any, Any] = {keys.stream(queue): "0-0" for queue in self.queues}
+        streams: dict[Any, Any] = {
+            stream: "0-0" for queue in self.queues for stream in keys.streams(queue)
+        }
         return bool(await self.redis.xread(streams, count=1, block=1000))
 
     # both sides -------------------------------------------------------------------------------

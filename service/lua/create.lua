@@ -8,8 +8,10 @@
 --          "ids": [...]}, for live views (only they subscribe, so a submit stays cheap)
 -- ARGV[3]  the most jobs a queue may hold (0: no limit): a job whose queue is that full
 --          is refused with everything else in the call (back-pressure)
--- ARGV     then per job, in order: op, value, n, then n field/value pairs; then, with a
---          key: the job's id, the request's fingerprint and the key's TTL in seconds
+-- ARGV     then per job, in order: op, value, m, then the m keys that together hold the
+--          job's queue (one per priority level: the queue's length is theirs summed), n,
+--          then n field/value pairs; then, with a key: the job's id, the request's
+--          fingerprint and the key's TTL in seconds
 --   op "xadd": add an entry holding the job's id (value) to the stream
 --   op "xadd-job": the same, plus the fields a cluster dispatcher launches the job with,
 --     so that it need not read the record first
@@ -51,26 +53,33 @@ if limit > 0 then
   -- run (entries go when done); a Celery list, the jobs waiting.
   local held, a = {}, 4
   for k = 3, 2 + 2 * jobs, 2 do
-    local op, queue = ARGV[a], KEYS[k + 1]
+    local op, m = ARGV[a], tonumber(ARGV[a + 2])
+    -- Jobs of one queue share its first key, whatever their priority.
+    local queue = ARGV[a + 3]
     if op ~= 'delay' and redis.call('EXISTS', KEYS[k]) == 0 then
       if held[queue] == nil then
-        held[queue] = redis.call(op == 'lpush' and 'LLEN' or 'XLEN', queue)
+        held[queue] = 0
+        for i = a + 3, a + 2 + m do
+          held[queue] = held[queue] + redis.call(op == 'lpush' and 'LLEN' or 'XLEN', ARGV[i])
+        end
       end
       if held[queue] >= limit then
         return {'full', tostring((k - 1) / 2), tostring(held[queue])}
       end
       held[queue] = held[queue] + 1
     end
-    a = a + 3 + 2 * tonumber(ARGV[a + 2])
+    a = a + 4 + m + 2 * tonumber(ARGV[a + 3 + m])
   end
 end
 local a = 4
 local created = {}
 for k = 3, 2 + 2 * jobs, 2 do
-  local op, value, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local op, value, m = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local n = tonumber(ARGV[a + 3 + m])
+  local first = a + 4 + m  -- the first field's name
   if redis.call('EXISTS', KEYS[k]) == 0 then
     local fields, named = {}, {}
-    for i = a + 3, a + 2 + 2 * n, 2 do
+    for i = first, first - 1 + 2 * n, 2 do
       fields[#fields + 1] = ARGV[i]
       fields[#fields + 1] = ARGV[i + 1]
       named[ARGV[i]] = ARGV[i + 1]
@@ -100,7 +109,7 @@ for k = 3, 2 + 2 * jobs, 2 do
       redis.call('LPUSH', KEYS[k + 1], value)
     end
   end
-  a = a + 3 + 2 * n
+  a = first + 2 * n
 end
 if #created > 0 then
   redis.call('PUBLISH', announce, cjson.encode({state = 'queued', ids = created}))
