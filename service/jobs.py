@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
+from tasks import DEFAULT_PRIORITY
+
 
 class JobState(str, Enum):
     #: Stored and waiting for a worker.
@@ -73,14 +75,6 @@ class JobError:
 
     def to_json(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message}
-
-
-#: A job's priority levels, in the order workers take them: of the jobs waiting on a queue,
-#: a worker with room for one more takes a ``high`` job first and a ``low`` one last. A
-#: job that runs is never interrupted for another.
-PRIORITIES = ("high", "normal", "low")
-#: The level of a job that names none.
-DEFAULT_PRIORITY = "normal"
 
 
 # Fields stored as JSON text in the hash; the rest are plain strings or integers.

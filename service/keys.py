@@ -2,7 +2,7 @@
 
 import hashlib
 
-from service.jobs import DEFAULT_PRIORITY, PRIORITIES
+from tasks import DEFAULT_PRIORITY, PRIORITIES
 
 PREFIX = "cf:"
 

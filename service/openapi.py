@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from service.auth import OPEN_PATHS
-from service.jobs import DEFAULT_PRIORITY, PRIORITIES, JobState
+from service.jobs import JobState
+from tasks import DEFAULT_PRIORITY, PRIORITIES
 from tasks.context import MAX_DELAY_S
 
 

@@ -23,9 +23,9 @@ from service.errors import (
     InvalidBody,
     UnknownTask,
 )
-from service.jobs import DEFAULT_PRIORITY, PRIORITIES, Job, iso
+from service.jobs import Job, iso
 from service.store import JobStore, Once
-from tasks import Registry, bind_arguments
+from tasks import DEFAULT_PRIORITY, PRIORITIES, Registry, bind_arguments
 from tasks.context import MAX_DELAY_S
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
@@ -123,6 +123,8 @@ class Submitter:
             raise EngineUnavailable(
                 f"the {engine} engine is not enabled on this gateway", {"engine": engine}
             )
+        if spec.priority != DEFAULT_PRIORITY and "priority" not in options:
+            options = {**options, "priority": spec.priority}  # the record shows it
         timeout = options.get("timeout_s", spec.timeout_s)
         now = datetime.now(UTC)
         delay = options.get("delay_s", 0)

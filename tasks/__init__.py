@@ -34,6 +34,13 @@ ENGINES = ("asyncio", "celery", "ray", "dask")
 #: gateway) read different streams, and one stream must carry one engine's jobs.
 DASK_QUEUE = "dask"
 
+#: A job's priority levels, in the order workers take them: of the jobs waiting on a queue,
+#: a worker with room for one more takes a ``high`` job first and a ``low`` one last. A
+#: job that runs is never interrupted for another.
+PRIORITIES = ("high", "normal", "low")
+#: The level of a job whose submit and task name none.
+DEFAULT_PRIORITY = "normal"
+
 _MARK = "__corefleet_task__"
 
 
@@ -53,6 +60,8 @@ class TaskSpec:
     #: The wait before the first retry; it doubles for each one after, up to the maximum.
     retry_backoff_s: float = 1.0
     retry_backoff_max_s: float = 300.0
+    #: The priority of its jobs that do not name one (option ``priority``).
+    priority: str = DEFAULT_PRIORITY
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): the backoff for
@@ -98,6 +107,7 @@ class TaskSpec:
             "retry_backoff_s": self.retry_backoff_s,
             "retry_backoff_max_s": self.retry_backoff_max_s,
             "resources": self.resources,
+            "priority": self.priority,
             "parameters": params,
             "doc": inspect.getdoc(self.fn) or "",
         }
@@ -115,6 +125,7 @@ def task(
     retry_on: tuple[type[Exception], ...] = (),
     retry_backoff_s: float = 1.0,
     retry_backoff_max_s: float = 300.0,
+    priority: str = DEFAULT_PRIORITY,
 ) -> Callable[[F], F]:
     """Mark a function as a corefleet task.
 
@@ -122,6 +133,7 @@ def task(
     when the task raised one of ``retry_on`` or ``Retry``: after a backoff that starts at
     ``retry_backoff_s`` and doubles up to ``retry_backoff_max_s``, less up to half at random. Any
     other exception fails the job at once. Once the attempts are spent the job is ``dead``.
+    ``priority`` (high, normal or low) is that of its jobs that do not name one.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -134,6 +146,8 @@ def task(
         raise ValueError("retry_on must be a tuple of exception classes")
     if not 0 <= retry_backoff_s <= retry_backoff_max_s:
         raise ValueError("retry_backoff_s must be from 0 to retry_backoff_max_s")
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
 
     def mark(fn: F) -> F:
         spec = TaskSpec(
@@ -148,6 +162,7 @@ def task(
             retry_on=tuple(retry_on),
             retry_backoff_s=float(retry_backoff_s),
             retry_backoff_max_s=float(retry_backoff_max_s),
+            priority=priority,
         )
         setattr(fn, _MARK, spec)
         return fn

@@ -268,3 +268,9 @@ def dask_hold(seconds: float) -> float:
     """Block a Dask worker ``seconds``; return them."""
     time.sleep(seconds)  # sleep-ok: the point of the task: a Dask task that takes time
     return seconds
+
+
+@task("test.urgent_note", kind="io", priority="high")
+async def urgent_note(label: str) -> None:
+    """``test.note`` whose jobs are high priority unless they say otherwise."""
+    await _redis().rpush("test:order", label)

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from service import keys
 from service.engines.celery_ import celery_lists
 from service.settings import Settings
+from tasks import task
 from tests.conftest import Gateway, start_gateway, wait_state
 
 #: Submitted in this order; each names its priority.
@@ -133,3 +134,26 @@ async def test_a_delayed_job_is_released_onto_its_priority(
     reply = await redis.xread({high: "0-0"}, count=1, block=10_000)
     assert reply and reply[0][1][0][1]["id"] == job["id"]
     assert await redis.xlen(keys.stream("io")) == 0
+
+
+async def test_a_task_may_declare_the_priority_of_its_jobs(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    status, listed = await bare_gateway.call("GET", "/v1/tasks")
+    assert status == 200
+    described = {t["name"]: t for t in listed["tasks"]}
+    assert described["test.urgent_note"]["priority"] == "high"
+    assert described["test.note"]["priority"] == "normal"
+    declared = await bare_gateway.submit("test.urgent_note", "a")
+    overridden = await bare_gateway.submit("test.urgent_note", "b", priority="low")
+    assert declared["options"] == {"priority": "high"}
+    assert overridden["options"] == {"priority": "low"}
+    high = await redis.xrange(keys.stream("io", "high"))
+    low = await redis.xrange(keys.stream("io", "low"))
+    assert [fields["id"] for _, fields in high] == [declared["id"]]
+    assert [fields["id"] for _, fields in low] == [overridden["id"]]
+
+
+def test_a_task_with_an_unknown_priority_is_refused() -> None:
+    with pytest.raises(ValueError, match="priority must be one of high, normal, low"):
+        task("test.bad_priority", kind="io", priority="urgent")

@@ -28,10 +28,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import keys, presence
 from service.batching import Batcher
 from service.events import listen
-from service.jobs import PRIORITIES, Job
+from service.jobs import Job
 from service.runner import JobRunner
 from service.settings import IoWorkerSettings
 from service.store import LUA_DIR, Dispatch
+from tasks import PRIORITIES
 
 log = logging.getLogger("corefleet.io")
 
