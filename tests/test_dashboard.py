@@ -95,11 +95,13 @@ async def test_jobs_appear_and_finish_on_the_page_as_they_happen(
 async def test_submit_watch_progress_and_cancel_from_the_page(
     gateway: Gateway, page: Page, redis: aioredis.Redis
 ) -> None:
-    """The form submits through the API; the row shows the task's progress as it is
-    reported; Cancel ends the job cancelled, in the page and in the API."""
+    """The form submits through the API (with the priority chosen); the row shows the
+    task's progress as it is reported; Cancel ends the job cancelled, in the page and in
+    the API."""
     await expect(page.locator("#task option[value='test.io_progress']")).to_have_count(1)
     await page.select_option("#task", "test.io_progress")
     await page.fill("#args", '["from the page"]')
+    await page.select_option("#priority", "high")
     await page.click("#submit")
     result = page.locator("#submit-result")
     await expect(result).to_contain_text("accepted ")
@@ -116,6 +118,7 @@ async def test_submit_watch_progress_and_cancel_from_the_page(
     await expect(page.locator("#cancel-result")).to_have_text(f"{job_id} cancelled")
     status, job = await gateway.call("GET", f"/v1/jobs/{job_id}")
     assert status == 200 and job["state"] == "cancelled"
+    assert job["options"] == {"priority": "high"}
 
 
 async def test_bad_input_in_the_form_is_reported_and_stores_nothing(

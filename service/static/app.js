@@ -308,6 +308,7 @@ async function submit(event) {
   out.classList.remove("error");
   try {
     const body = { task: $("task").value, args: parseField("args", "array"), kwargs: parseField("kwargs", "object") };
+    if ($("priority").value) body.options = { priority: $("priority").value };
     const job = await api("POST", "/v1/jobs", body);
     out.textContent = `accepted ${job.id}`;
     out.dataset.id = job.id;

@@ -1,0 +1,193 @@
+"""Webhooks: a finished job's record is POSTed to the URL the job named (``webhook``).
+
+Durable: the script that ends a job that named a webhook adds the job's id to
+``cf:webhooks`` in the same step, so the delivery is owed as soon as the job ends, whatever
+process ended it and whichever gateways are up. Every gateway reads that stream in one
+consumer group and posts each delivery once it has it; a 2xx answer acknowledges it. A
+delivery that fails (another status, a redirect, no answer within ``timeout_s``) stays
+pending and is tried again, by whichever gateway claims it, once ``timeout_s`` and a wait
+that doubles from ``first_retry_s`` (up to ``MAX_RETRY_S``) have passed; after
+``MAX_DELIVERIES`` tries it is dropped, and logged. Receivers may see a delivery twice (a gateway that dies after posting and before
+acknowledging): ``Corefleet-Delivery`` names each delivery, the same on every try.
+
+Only the hosts in ``COREFLEET_WEBHOOK_HOSTS`` may be named, and with none webhooks are off:
+whoever may submit must not make a gateway call any address its network reaches.
+With ``COREFLEET_WEBHOOK_SECRET`` every body is signed, ``Corefleet-Signature: sha256=``
+and the hex HMAC-SHA256 of the body under the secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from service import keys
+from service.engines.asyncio_ import consumer_name
+from service.errors import InvalidBody
+from service.settings import WebhookSettings
+from service.store import JobStore
+
+log = logging.getLogger("corefleet.webhooks")
+
+#: The consumer group every gateway's sender reads ``cf:webhooks`` in.
+GROUP = "corefleet-webhooks"
+#: The longest wait between two tries of one delivery.
+MAX_RETRY_S = 300.0
+#: Tries of one delivery before it is dropped (about 20 minutes of tries from 1 s).
+MAX_DELIVERIES = 12
+#: The longest URL a job may name.
+MAX_URL_LENGTH = 2048
+#: Deliveries one sender takes at once.
+BATCH = 50
+
+
+def check_webhook(url: Any, allowed_hosts: tuple[str, ...]) -> str:
+    """``url``, if a job may name it as its webhook; else a 400 that says why."""
+    if not allowed_hosts:
+        raise InvalidBody(
+            "webhooks are off on this deployment (set COREFLEET_WEBHOOK_HOSTS to the hosts "
+            "they may call)"
+        )
+    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL_LENGTH:
+        raise InvalidBody(f"options.webhook must be a URL of at most {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidBody("options.webhook must be an http or https URL")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidBody("options.webhook must not carry a user or password")
+    host = parts.hostname.lower()
+    if host not in allowed_hosts and f"{host}:{port}" not in allowed_hosts:
+        raise InvalidBody(
+            f"options.webhook may only call the hosts in COREFLEET_WEBHOOK_HOSTS, not {host!r}",
+            {"allowed_hosts": list(allowed_hosts)},
+        )
+    return url
+
+
+def signature(secret: str, body: bytes) -> str:
+    """The ``Corefleet-Signature`` of ``body``."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookSender:
+    """Posts the deliveries on ``cf:webhooks``; one in every gateway."""
+
+    def __init__(self, redis: aioredis.Redis, store: JobStore, settings: WebhookSettings) -> None:
+        self.redis = redis
+        self.store = store
+        self.settings = settings
+        self.name = consumer_name()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            self._session = session
+            while not stop.is_set():
+                try:
+                    await self._ensure_group()
+                    await self._send_new()
+                    await self._send_again()
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot read the webhook deliveries now (%s)", exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1.0)  # Redis away: back off
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(keys.WEBHOOKS, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _send_new(self) -> None:
+        # Waits at most a first retry's time: failed deliveries are looked at between reads.
+        block_ms = max(1, int(min(self.settings.first_retry_s, 1.0) * 1000))
+        reply = await self.redis.xreadgroup(
+            GROUP, self.name, {keys.WEBHOOKS: ">"}, count=BATCH, block=block_ms
+        )
+        entries = [entry for _stream, entries in reply or () for entry in entries]
+        await asyncio.gather(*(self._deliver(entry_id, fields) for entry_id, fields in entries))
+
+    async def _send_again(self) -> None:
+        """Claim and post the failed deliveries whose wait is over; drop the hopeless."""
+        pending = await self.redis.xpending_range(
+            keys.WEBHOOKS,
+            GROUP,
+            min="-",
+            max="+",
+            count=BATCH,
+            idle=int(self._wait_ms(1)),
+        )
+        due = []
+        for item in pending:
+            entry_id, tries = item["message_id"], int(item["times_delivered"])
+            if tries >= MAX_DELIVERIES:
+                log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
+                await self._done(entry_id)
+            elif item["time_since_delivered"] >= self._wait_ms(tries):
+                due.append(entry_id)
+        if not due:
+            return
+        # Claimed only if still idle that long: two gateways never both take one.
+        claimed = await self.redis.xclaim(keys.WEBHOOKS, GROUP, self.name, int(self._wait_ms(1)), due)
+        await asyncio.gather(
+            *(self._deliver(entry_id, fields) for entry_id, fields in claimed if fields)
+        )
+
+    def _wait_ms(self, tries: int) -> float:
+        """How long a delivery tried ``tries`` times waits before the next try: its last try
+        may take ``timeout_s`` (and must not be doubled by a second one meanwhile), then
+        the backoff."""
+        backoff = min(self.settings.first_retry_s * 2 ** (tries - 1), MAX_RETRY_S)
+        return (self.settings.timeout_s + backoff) * 1000
+
+    async def _deliver(self, entry_id: str, fields: dict[str, str]) -> None:
+        job = await self.store.get(fields.get("id", ""))
+        url = job.options.get("webhook") if job is not None else None
+        if job is None or not isinstance(url, str):
+            await self._done(entry_id)  # the record expired, or names no webhook: nothing owed
+            return
+        body = json.dumps(job.to_api()).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "corefleet-webhook",
+            "Corefleet-Job-Id": job.id,
+            "Corefleet-Delivery": entry_id,
+        }
+        if self.settings.secret:
+            headers["Corefleet-Signature"] = signature(self.settings.secret, body)
+        assert self._session is not None
+        try:
+            # No redirects: they could lead anywhere, past the allowed hosts.
+            async with self._session.post(
+                url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                ok = 200 <= response.status < 300
+                problem = f"answered {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok, problem = False, f"{type(exc).__name__}: {exc}"
+        if ok:
+            await self._done(entry_id)
+        else:
+            log.warning("webhook of job %s to %s failed (%s); will try again", job.id, url, problem)
+
+    async def _done(self, entry_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xack(keys.WEBHOOKS, GROUP, entry_id)
+        pipe.xdel(keys.WEBHOOKS, entry_id)
+        await pipe.execute()
