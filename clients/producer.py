@@ -33,7 +33,12 @@ class AsyncProducer:
         self.redis = connect(redis_url)
         store = JobStore.for_submits(self.redis, self.settings)
         registry = Registry.load(tuple(task_modules) or self.settings.task_modules)
-        self._submitter = Submitter(store, registry, build_engines(self.redis, self.settings))
+        self._submitter = Submitter(
+            store,
+            registry,
+            build_engines(self.redis, self.settings),
+            webhook_hosts=self.settings.webhooks.hosts,
+        )
 
     async def __aenter__(self) -> AsyncProducer:
         return self

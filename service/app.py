@@ -46,6 +46,7 @@ from service.scheduler import Scheduler
 from service.settings import Settings
 from service.store import JobQuery, JobStore, connect
 from service.submit import Submitter
+from service.webhooks import WebhookSender
 from tasks import Registry
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -81,6 +82,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     # Before the io worker, so that it stops (told at shutdown) while the io worker does.
     app.cleanup_ctx.append(_heavy_ctx)
     app.cleanup_ctx.append(_scheduler_ctx)
+    app.cleanup_ctx.append(_webhooks_ctx)
     app.on_shutdown.append(_stop_heavy)
     if settings.gateway.embedded_io_worker:
         app.cleanup_ctx.append(_io_worker_ctx)
@@ -128,7 +130,9 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
     for engine in engines.values():
         await engine.start()
     app[ENGINES] = engines
-    app[SUBMITTER] = Submitter(app[STORE], app[REGISTRY], engines)
+    app[SUBMITTER] = Submitter(
+        app[STORE], app[REGISTRY], engines, webhook_hosts=app[SETTINGS].webhooks.hosts
+    )
     yield
     for engine in engines.values():
         await engine.close()
@@ -177,6 +181,17 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
     engines: dict[str, Engine] = app[ENGINES]
     stop = asyncio.Event()
     task = asyncio.create_task(Scheduler(app[STORE], engines).run(stop))
+    yield
+    stop.set()
+    await task
+
+
+async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Every gateway posts the webhook deliveries owed (each is taken by one of them).
+    stop = asyncio.Event()
+    sender = WebhookSender(app[REDIS], app[STORE], app[SETTINGS].webhooks)
+    await sender.prepare()
+    task = asyncio.create_task(sender.run(stop))
     yield
     stop.set()
     await task

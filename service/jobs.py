@@ -137,6 +137,9 @@ class Job:
             out["timeout_s"] = repr(self.timeout_s)
         if self.run_at is not None:
             out["run_at"] = self.run_at
+        if "webhook" in self.options:
+            # Its own field, so that the scripts that end a job see a webhook is owed.
+            out["webhook"] = str(self.options["webhook"])
         return out
 
     @classmethod

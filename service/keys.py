@@ -24,6 +24,9 @@ STATS = PREFIX + "stats"
 #: before a retry), scored by when each is due (Unix milliseconds). Gateways put each on
 #: its queue when it is due.
 DELAYED = PREFIX + "delayed"
+#: Stream of webhook deliveries owed: ``{"id": job id}``, added as a job that named a webhook
+#: ends (see ``webhooks.py``).
+WEBHOOKS = PREFIX + "webhooks"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from service.auth import OPEN_PATHS
 from service.jobs import JobState
+from service.webhooks import MAX_URL_LENGTH
 from tasks import DEFAULT_PRIORITY, PRIORITIES
 from tasks.context import MAX_DELAY_S
 
@@ -59,6 +60,13 @@ _SUBMIT = {
                     "enum": list(PRIORITIES),
                     "default": DEFAULT_PRIORITY,
                     "description": "Of the jobs waiting on a queue, workers take high first",
+                },
+                "webhook": {
+                    "type": "string",
+                    "format": "uri",
+                    "maxLength": MAX_URL_LENGTH,
+                    "description": "POST the finished record here (a host of "
+                    "COREFLEET_WEBHOOK_HOSTS)",
                 },
                 "delay_s": {
                     "type": "number",

@@ -150,6 +150,19 @@ class EngineSettings:
     gpu_fallback: str = ""
 
 
+@dataclass(frozen=True)
+class WebhookSettings:
+    #: Hosts (``name``, or ``name:port`` for that port only) a job's webhook may call;
+    #: with none, webhooks are off.
+    hosts: tuple[str, ...] = ()
+    #: When set, every body is signed with it (``Corefleet-Signature``).
+    secret: str = field(default="", repr=False)
+    #: How long a receiver may take to answer, in seconds.
+    timeout_s: float = 10.0
+    #: The wait before a failed delivery is tried again; it doubles for each try after.
+    first_retry_s: float = 1.0
+
+
 #: Seconds an ``Idempotency-Key`` keeps standing for its job unless configured.
 DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600
 
@@ -176,6 +189,7 @@ class Settings:
     celery: CelerySettings = field(default_factory=CelerySettings)
     flower: FlowerSettings = field(default_factory=FlowerSettings)
     engines: EngineSettings = field(default_factory=EngineSettings)
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @property
     def redis(self) -> str:
@@ -226,6 +240,12 @@ class Settings:
             dask_workers=_int(env, "COREFLEET_DASK_WORKERS", 0),
             gpu_fallback=env.get("COREFLEET_GPU_FALLBACK", ""),
         )
+        webhooks = WebhookSettings(
+            hosts=tuple(host.lower() for host in _list(env, "COREFLEET_WEBHOOK_HOSTS")),
+            secret=env.get("COREFLEET_WEBHOOK_SECRET", ""),
+            timeout_s=_float(env, "COREFLEET_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
+            first_retry_s=_float(env, "COREFLEET_WEBHOOK_FIRST_RETRY_S", 1.0, minimum=0.1),
+        )
         if engines.gpu_fallback not in ("", "cpu"):
             raise SettingsError("COREFLEET_GPU_FALLBACK must be empty or 'cpu'")
         return cls(
@@ -244,6 +264,7 @@ class Settings:
             celery=celery,
             flower=flower,
             engines=engines,
+            webhooks=webhooks,
         )
 
 

@@ -247,7 +247,7 @@ class JobStore:
         the stream entry that delivered the job, where a stream did (see begin.lua)."""
         reply = await self.batch.script(
             "begin",
-            [keys.job(job_id), keys.STATS, keys.DELAYED],
+            [keys.job(job_id), keys.STATS, keys.DELAYED, keys.WEBHOOKS],
             self._begin_args(job_id, worker, entry),
         )
         if reply[0] != "run":
@@ -284,7 +284,7 @@ class JobStore:
         allowed = ",".join(s.value for s in ALLOWED_FROM[to]) or "-"
         moved, previous = await self.batch.script(
             "transition",
-            [keys.job(job_id), keys.STATS, keys.DELAYED],
+            [keys.job(job_id), keys.STATS, keys.DELAYED, keys.WEBHOOKS],
             [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
         )
         return bool(moved), JobState(previous) if previous else None

@@ -25,6 +25,7 @@ from service.errors import (
 )
 from service.jobs import Job, iso
 from service.store import JobStore, Once
+from service.webhooks import check_webhook
 from tasks import DEFAULT_PRIORITY, PRIORITIES, Registry, bind_arguments
 from tasks.context import MAX_DELAY_S
 
@@ -41,10 +42,11 @@ OPTIONS = (
     "require_worker",
     "resources",
     "timeout_s",
+    "webhook",
 )
 
 
-def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise InvalidBody(f"unknown option(s): {', '.join(unknown)}", {"allowed": list(OPTIONS)})
@@ -79,11 +81,21 @@ def _check_options(options: dict[str, Any]) -> dict[str, Any]:
         or not 0 <= delay <= MAX_DELAY_S
     ):
         raise InvalidBody(f"options.delay_s must be a number of seconds from 0 to {MAX_DELAY_S}")
+    if "webhook" in options:
+        check_webhook(options["webhook"], webhook_hosts)
     return options
 
 
 class Submitter:
-    def __init__(self, store: JobStore, registry: Registry, engines: Mapping[str, Engine]) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        registry: Registry,
+        engines: Mapping[str, Engine],
+        webhook_hosts: tuple[str, ...] = (),
+    ) -> None:
+        """``webhook_hosts``: the hosts a job's webhook may call (none: webhooks are off)."""
+        self.webhook_hosts = webhook_hosts
         self.store = store
         self.registry = registry
         self.engines = engines
@@ -117,7 +129,7 @@ class Submitter:
         problem = bind_arguments(spec, args, kwargs)
         if problem is not None:
             raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
-        _check_options(options)
+        _check_options(options, self.webhook_hosts)
         engine = spec.engine
         if engine not in self.engines:
             raise EngineUnavailable(

@@ -7,8 +7,9 @@ consumer group and posts each delivery once it has it; a 2xx answer acknowledges
 delivery that fails (another status, a redirect, no answer within ``timeout_s``) stays
 pending and is tried again, by whichever gateway claims it, once ``timeout_s`` and a wait
 that doubles from ``first_retry_s`` (up to ``MAX_RETRY_S``) have passed; after
-``MAX_DELIVERIES`` tries it is dropped, and logged. Receivers may see a delivery twice (a gateway that dies after posting and before
-acknowledging): ``Corefleet-Delivery`` names each delivery, the same on every try.
+``MAX_DELIVERIES`` tries it is dropped, and logged. Receivers may see a delivery twice (a
+gateway that dies after posting and before acknowledging): ``Corefleet-Delivery`` names
+each delivery, the same on every try.
 
 Only the hosts in ``COREFLEET_WEBHOOK_HOSTS`` may be named, and with none webhooks are off:
 whoever may submit must not make a gateway call any address its network reaches.
@@ -93,26 +94,33 @@ class WebhookSender:
         self.name = consumer_name()
         self._session: aiohttp.ClientSession | None = None
 
+    async def prepare(self) -> None:
+        """Create the deliveries' stream and group, before the first job can end."""
+        try:
+            await self.redis.xgroup_create(keys.WEBHOOKS, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
     async def run(self, stop: asyncio.Event) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
             while not stop.is_set():
                 try:
-                    await self._ensure_group()
                     await self._send_new()
                     await self._send_again()
+                    continue
+                except ResponseError as exc:
+                    # NOGROUP: Redis lost its data (a restart without persistence).
+                    if "NOGROUP" not in str(exc):
+                        log.error("reading the webhook deliveries failed (%s)", exc)
+                    with contextlib.suppress(RedisError, OSError):
+                        await self.prepare()
                 except (RedisError, OSError) as exc:
                     log.warning("cannot read the webhook deliveries now (%s)", exc)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1.0)  # Redis away: back off
-
-    async def _ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(keys.WEBHOOKS, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)  # back off from Redis's trouble
 
     async def _send_new(self) -> None:
         # Waits at most a first retry's time: failed deliveries are looked at between reads.
@@ -144,7 +152,9 @@ class WebhookSender:
         if not due:
             return
         # Claimed only if still idle that long: two gateways never both take one.
-        claimed = await self.redis.xclaim(keys.WEBHOOKS, GROUP, self.name, int(self._wait_ms(1)), due)
+        claimed = await self.redis.xclaim(
+            keys.WEBHOOKS, GROUP, self.name, int(self._wait_ms(1)), due
+        )
         await asyncio.gather(
             *(self._deliver(entry_id, fields) for entry_id, fields in claimed if fields)
         )
@@ -153,7 +163,7 @@ class WebhookSender:
         """How long a delivery tried ``tries`` times waits before the next try: its last try
         may take ``timeout_s`` (and must not be doubled by a second one meanwhile), then
         the backoff."""
-        backoff = min(self.settings.first_retry_s * 2 ** (tries - 1), MAX_RETRY_S)
+        backoff = min(self.settings.first_retry_s * 2.0 ** (tries - 1), MAX_RETRY_S)
         return (self.settings.timeout_s + backoff) * 1000
 
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> None:

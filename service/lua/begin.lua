@@ -2,6 +2,7 @@
 -- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
 -- KEYS[3]  the delayed set: a retrying job begun now (its old entry, redelivered after
 --          its worker was lost) is not queued again when its backoff ends
+-- KEYS[4]  the webhook deliveries: a job that goes dead here and named a webhook adds one
 -- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
 -- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
 -- ARGV[6]  error JSON written when the job has no attempt left
@@ -44,6 +45,9 @@ if attempts > max_attempts then
   redis.call('HSET', KEYS[1], 'state', 'dead', 'attempts', max_attempts,
              'error', ARGV[6], 'finished_at', ARGV[2])
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+  if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+  end
   redis.call('PUBLISH', ARGV[5], cjson.encode({id = ARGV[1], state = 'dead', from = current}))
   return {'dead'}
 end

@@ -1,6 +1,7 @@
 -- Move one job to a new state, only from the states allowed, in one atomic step.
 -- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
 -- KEYS[3]  the delayed set: a job that ends leaves it (a cancelled delayed job)
+-- KEYS[4]  the webhook deliveries: a job that ends and named a webhook adds one
 -- ARGV[1]  job id            ARGV[2]  target state
 -- ARGV[3]  allowed source states, comma separated
 -- ARGV[4]  TTL in seconds once terminal (0: keep)
@@ -43,6 +44,9 @@ if ttl > 0 then
   redis.call('ZREM', KEYS[3], ARGV[1])
   local kind = redis.call('HMGET', KEYS[1], 'engine', 'task')
   redis.call('HINCRBY', KEYS[2], ARGV[2] .. '\t' .. (kind[1] or '') .. '\t' .. (kind[2] or ''), 1)
+  if redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+  end
 end
 local event = {id = ARGV[1], state = ARGV[2], from = current}
 if ttl > 0 then

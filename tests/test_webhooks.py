@@ -1,0 +1,186 @@
+"""Webhooks: a finished job's record is POSTed to the URL it named, durably, with retries.
+
+A real receiver (an aiohttp server on a free port) records every request it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from service import keys
+from service.settings import Settings, WebhookSettings
+from service.webhooks import signature
+from tests.conftest import Gateway, start_gateway, wait_state
+from tests.procs import Proc, env_with
+
+SECRET = "a-secret-the-receiver-shares"
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return dict(json.loads(self.body))
+
+
+@dataclass
+class Receiver:
+    url: str
+    got: asyncio.Queue[Delivery] = field(default_factory=asyncio.Queue)
+    #: Statuses to answer with, in turn; 200 once they are used up.
+    answers: list[int] = field(default_factory=list)
+
+    async def next(self, within: float = 30) -> Delivery:
+        return await asyncio.wait_for(self.got.get(), within)
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    hook = Receiver("")
+
+    async def handle(request: web.Request) -> web.Response:
+        await hook.got.put(Delivery(dict(request.headers), await request.read()))
+        status = hook.answers.pop(0) if hook.answers else 200
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # aiohttp
+    hook.url = f"http://127.0.0.1:{port}/hook"
+    yield hook
+    await runner.cleanup()
+
+
+def _hooked(settings: Settings) -> Settings:
+    """Settings that allow webhooks to 127.0.0.1, signed, retried quickly."""
+    webhooks = WebhookSettings(
+        hosts=("127.0.0.1",), secret=SECRET, timeout_s=1.0, first_retry_s=0.2
+    )
+    return replace(settings, webhooks=webhooks)
+
+
+@pytest.fixture
+async def hooked(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[Gateway]:
+    server, session = await start_gateway(_hooked(settings))
+    yield Gateway(server, session)
+    await session.close()
+    await server.close()
+
+
+async def test_a_finished_job_is_posted_to_its_webhook_signed(
+    hooked: Gateway, receiver: Receiver, redis: aioredis.Redis
+) -> None:
+    job = await hooked.submit("io.echo", {"hello": "hook"}, webhook=receiver.url)
+    delivery = await receiver.next()
+    record = delivery.record
+    assert (record["id"], record["state"]) == (job["id"], "succeeded")
+    assert record["result"] == {"hello": "hook"}
+    assert record == (await hooked.call("GET", f"/v1/jobs/{job['id']}"))[1]
+    assert delivery.headers["Content-Type"] == "application/json"
+    assert delivery.headers["Corefleet-Job-Id"] == job["id"]
+    assert delivery.headers["Corefleet-Signature"] == signature(SECRET, delivery.body)
+    assert delivery.headers["Corefleet-Signature"] != signature("another secret", delivery.body)
+
+
+async def test_a_failed_delivery_is_tried_again_until_answered(
+    hooked: Gateway, receiver: Receiver
+) -> None:
+    receiver.answers = [500, 503]
+    job = await hooked.submit("test.boom", "nope", webhook=receiver.url)
+    tries = [await receiver.next() for _ in range(3)]
+    assert {d.record["state"] for d in tries} == {"failed"}
+    assert tries[0].record["error"] == {"type": "ValueError", "message": "nope"}
+    # One delivery, tried three times: the same delivery id on each try.
+    assert len({d.headers["Corefleet-Delivery"] for d in tries}) == 1
+    assert {d.headers["Corefleet-Job-Id"] for d in tries} == {job["id"]}
+
+
+async def test_a_cancelled_job_is_posted_too(
+    settings: Settings, redis: aioredis.Redis, receiver: Receiver
+) -> None:
+    no_worker = _hooked(settings)
+    no_worker = replace(no_worker, gateway=replace(no_worker.gateway, embedded_io_worker=False))
+    server, session = await start_gateway(no_worker)
+    gateway = Gateway(server, session)
+    try:
+        job = await gateway.submit("io.echo", 1, webhook=receiver.url)
+        status, _ = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+        assert status == 200
+        assert (await receiver.next()).record["state"] == "cancelled"
+    finally:
+        await session.close()
+        await server.close()
+
+
+async def test_a_delivery_owed_while_no_gateway_runs_is_made_by_the_next(
+    settings: Settings, redis: aioredis.Redis, receiver: Receiver
+) -> None:
+    """The job ends on an io worker while no gateway is up; the next gateway posts it."""
+    no_worker = _hooked(settings)
+    no_worker = replace(no_worker, gateway=replace(no_worker.gateway, embedded_io_worker=False))
+    server, session = await start_gateway(no_worker)
+    job = await Gateway(server, session).submit("io.echo", "later", webhook=receiver.url)
+    await session.close()
+    await server.close()
+
+    worker = Proc(["io-worker"], env_with(COREFLEET_REDIS_URL=settings.redis))
+    try:
+        assert await wait_state(redis, job["id"], "succeeded") == "succeeded"
+    finally:
+        worker.stop()
+    assert await redis.xlen(keys.WEBHOOKS) == 1
+    assert receiver.got.empty()
+
+    server, session = await start_gateway(no_worker)
+    try:
+        delivery = await receiver.next()
+        assert (delivery.record["id"], delivery.record["result"]) == (job["id"], "later")
+    finally:
+        await session.close()
+        await server.close()
+
+
+@pytest.mark.parametrize(
+    ("webhook", "says"),
+    [
+        ("http://10.0.0.1/hook", "may only call the hosts"),
+        ("http://127.0.0.1.example.com/hook", "may only call the hosts"),
+        ("file:///etc/passwd", "http or https"),
+        ("http://user:pw@127.0.0.1/hook", "user or password"),
+        ("http://127.0.0.1:notaport/hook", "http or https"),
+        (42, "must be a URL"),
+        ("http://127.0.0.1/" + "x" * 3000, "must be a URL"),
+    ],
+)
+async def test_a_webhook_to_a_host_not_allowed_is_refused(
+    hooked: Gateway, redis: aioredis.Redis, webhook: Any, says: str
+) -> None:
+    body = {"task": "io.echo", "args": [1], "options": {"webhook": webhook}}
+    status, reply = await hooked.call("POST", "/v1/jobs", json=body)
+    assert status == 400 and reply["error"]["code"] == "invalid_body"
+    assert says in reply["error"]["message"]
+    assert await redis.zcard("cf:jobs") == 0
+
+
+async def test_webhooks_are_off_unless_hosts_are_allowed(
+    gateway: Gateway, redis: aioredis.Redis, receiver: Receiver
+) -> None:
+    body = {"task": "io.echo", "args": [1], "options": {"webhook": receiver.url}}
+    status, reply = await gateway.call("POST", "/v1/jobs", json=body)
+    assert status == 400 and "COREFLEET_WEBHOOK_HOSTS" in reply["error"]["message"]
+    assert await redis.zcard("cf:jobs") == 0
