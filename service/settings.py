@@ -8,11 +8,13 @@ every variable, and a test keeps the two in step.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_REDIS_PORT = 6379
 
@@ -150,6 +152,27 @@ class EngineSettings:
     gpu_fallback: str = ""
 
 
+#: The ports a URL without one goes to.
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.cache
+def webhook_addresses(allowed_hosts: tuple[str, ...]) -> frozenset[tuple[str, int | None]]:
+    """The (host, port) pairs ``COREFLEET_WEBHOOK_HOSTS`` allows: ``name:port`` that port
+    only, a bare ``name`` the default ports of http and https (80, 443). IPv6 literals are
+    written in brackets. Raises ``ValueError`` for an entry that is not a host."""
+    allowed: set[tuple[str, int | None]] = set()
+    for entry in allowed_hosts:
+        parts = urlsplit(f"//{entry}")
+        if not parts.hostname or parts.path or parts.username is not None:
+            raise ValueError(f"{entry!r} is not a host or host:port")
+        if parts.port is not None:
+            allowed.add((parts.hostname, parts.port))
+        else:
+            allowed |= {(parts.hostname, port) for port in DEFAULT_PORTS.values()}
+    return frozenset(allowed)
+
+
 @dataclass(frozen=True)
 class WebhookSettings:
     #: Hosts (``name``, or ``name:port`` for that port only) a job's webhook may call;
@@ -246,6 +269,10 @@ class Settings:
             timeout_s=_float(env, "COREFLEET_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
             first_retry_s=_float(env, "COREFLEET_WEBHOOK_FIRST_RETRY_S", 1.0, minimum=0.1),
         )
+        try:
+            webhook_addresses(webhooks.hosts)
+        except ValueError as exc:
+            raise SettingsError(f"COREFLEET_WEBHOOK_HOSTS: {exc}") from None
         if engines.gpu_fallback not in ("", "cpu"):
             raise SettingsError("COREFLEET_GPU_FALLBACK must be empty or 'cpu'")
         return cls(

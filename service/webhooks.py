@@ -35,7 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 from service import keys
 from service.engines.asyncio_ import consumer_name
 from service.errors import InvalidBody
-from service.settings import WebhookSettings
+from service.settings import DEFAULT_PORTS, WebhookSettings, webhook_addresses
 from service.store import JobStore
 
 log = logging.getLogger("corefleet.webhooks")
@@ -48,8 +48,12 @@ MAX_RETRY_S = 300.0
 MAX_DELIVERIES = 12
 #: The longest URL a job may name.
 MAX_URL_LENGTH = 2048
-#: Deliveries one sender takes at once.
+#: Deliveries one sender reads or claims per call.
 BATCH = 50
+#: Deliveries one sender posts at once; a slow receiver holds up only its own.
+MAX_IN_FLIGHT = 200
+#: Pages of failed deliveries (``BATCH`` each) looked through per round for those due.
+MAX_PAGES = 20
 
 
 def check_webhook(url: Any, allowed_hosts: tuple[str, ...]) -> str:
@@ -63,18 +67,18 @@ def check_webhook(url: Any, allowed_hosts: tuple[str, ...]) -> str:
         raise InvalidBody(f"options.webhook must be a URL of at most {MAX_URL_LENGTH} characters")
     try:
         parts = urlsplit(url)
-        port = parts.port
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
     except ValueError:
         parts, port = None, None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts is None or parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise InvalidBody("options.webhook must be an http or https URL")
     if parts.username is not None or parts.password is not None:
         raise InvalidBody("options.webhook must not carry a user or password")
-    host = parts.hostname.lower()
-    if host not in allowed_hosts and f"{host}:{port}" not in allowed_hosts:
+    if (parts.hostname, port) not in webhook_addresses(allowed_hosts):
+        # The allowed hosts are not shown: they may name what clients need not know.
         raise InvalidBody(
-            f"options.webhook may only call the hosts in COREFLEET_WEBHOOK_HOSTS, not {host!r}",
-            {"allowed_hosts": list(allowed_hosts)},
+            f"options.webhook may only call the hosts in COREFLEET_WEBHOOK_HOSTS, not "
+            f"{parts.hostname}:{port}"
         )
     return url
 
@@ -93,6 +97,8 @@ class WebhookSender:
         self.settings = settings
         self.name = consumer_name()
         self._session: aiohttp.ClientSession | None = None
+        #: Deliveries being posted now, by entry id.
+        self._sending: dict[str, asyncio.Task[None]] = {}
 
     async def prepare(self) -> None:
         """Create the deliveries' stream and group, before the first job can end."""
@@ -106,58 +112,93 @@ class WebhookSender:
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             self._session = session
-            while not stop.is_set():
-                try:
-                    await self._send_new()
-                    await self._send_again()
-                    continue
-                except ResponseError as exc:
-                    # NOGROUP: Redis lost its data (a restart without persistence).
-                    if "NOGROUP" not in str(exc):
-                        log.error("reading the webhook deliveries failed (%s)", exc)
-                    with contextlib.suppress(RedisError, OSError):
-                        await self.prepare()
-                except (RedisError, OSError) as exc:
-                    log.warning("cannot read the webhook deliveries now (%s)", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)  # back off from Redis's trouble
+            try:
+                await self._serve(stop)
+            finally:
+                # Deliveries cut short stay pending: another gateway posts them later.
+                for sending in self._sending.values():
+                    sending.cancel()
+                await asyncio.gather(*self._sending.values(), return_exceptions=True)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._send_new()
+                await self._send_again()
+                continue
+            except ResponseError as exc:
+                # NOGROUP: Redis lost its data (a restart without persistence).
+                if "NOGROUP" not in str(exc):
+                    log.error("reading the webhook deliveries failed (%s)", exc)
+                with contextlib.suppress(RedisError, OSError):
+                    await self.prepare()
+            except (RedisError, OSError) as exc:
+                log.warning("cannot read the webhook deliveries now (%s)", exc)
+            except Exception:  # never stop sending for good: say why, and go on
+                log.exception("the webhook sender failed; going on")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)  # back off from the trouble
 
     async def _send_new(self) -> None:
         # Waits at most a first retry's time: failed deliveries are looked at between reads.
-        block_ms = max(1, int(min(self.settings.first_retry_s, 1.0) * 1000))
+        block_s = min(self.settings.first_retry_s, 1.0)
+        room = MAX_IN_FLIGHT - len(self._sending)
+        if room <= 0:
+            await asyncio.wait(self._sending.values(), timeout=block_s)
+            return
         reply = await self.redis.xreadgroup(
-            GROUP, self.name, {keys.WEBHOOKS: ">"}, count=BATCH, block=block_ms
+            GROUP,
+            self.name,
+            {keys.WEBHOOKS: ">"},
+            count=min(room, BATCH),
+            block=max(1, int(block_s * 1000)),
         )
-        entries = [entry for _stream, entries in reply or () for entry in entries]
-        await asyncio.gather(*(self._deliver(entry_id, fields) for entry_id, fields in entries))
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                self._send(entry_id, fields)
 
     async def _send_again(self) -> None:
         """Claim and post the failed deliveries whose wait is over; drop the hopeless."""
-        pending = await self.redis.xpending_range(
-            keys.WEBHOOKS,
-            GROUP,
-            min="-",
-            max="+",
-            count=BATCH,
-            idle=int(self._wait_ms(1)),
-        )
-        due = []
-        for item in pending:
-            entry_id, tries = item["message_id"], int(item["times_delivered"])
-            if tries >= MAX_DELIVERIES:
-                log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
-                await self._done(entry_id)
-            elif item["time_since_delivered"] >= self._wait_ms(tries):
-                due.append(entry_id)
+        due: list[int | bytes | str | memoryview[int]] = []  # as redis-py types ids
+        start = "-"
+        for _page in range(MAX_PAGES):
+            pending = await self.redis.xpending_range(
+                keys.WEBHOOKS,
+                GROUP,
+                min=start,
+                max="+",
+                count=BATCH,
+                idle=int(self._wait_ms(1)),
+            )
+            for item in pending:
+                entry_id, tries = item["message_id"], int(item["times_delivered"])
+                if entry_id in self._sending:
+                    continue
+                if tries >= MAX_DELIVERIES:
+                    log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
+                    await self._done(entry_id)
+                elif item["time_since_delivered"] >= self._wait_ms(tries):
+                    due.append(entry_id)
+            room = MAX_IN_FLIGHT - len(self._sending) - len(due)
+            if len(pending) < BATCH or room <= 0:
+                break
+            start = f"({pending[-1]['message_id']}"  # the next page: after the last one seen
         if not due:
             return
         # Claimed only if still idle that long: two gateways never both take one.
         claimed = await self.redis.xclaim(
             keys.WEBHOOKS, GROUP, self.name, int(self._wait_ms(1)), due
         )
-        await asyncio.gather(
-            *(self._deliver(entry_id, fields) for entry_id, fields in claimed if fields)
-        )
+        for entry_id, fields in claimed:
+            if fields:
+                self._send(entry_id, fields)
+            else:  # the entry is gone (deleted by hand): nothing to post
+                await self._done(entry_id)
+
+    def _send(self, entry_id: str, fields: dict[str, str]) -> None:
+        sending = asyncio.create_task(self._deliver(entry_id, fields))
+        self._sending[entry_id] = sending
+        sending.add_done_callback(lambda _done: self._sending.pop(entry_id, None))
 
     def _wait_ms(self, tries: int) -> float:
         """How long a delivery tried ``tries`` times waits before the next try: its last try
@@ -167,10 +208,25 @@ class WebhookSender:
         return (self.settings.timeout_s + backoff) * 1000
 
     async def _deliver(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            await self._post(entry_id, fields)
+        except (RedisError, OSError) as exc:  # left pending: tried again later
+            log.warning("webhook delivery %s not made now (%s)", entry_id, exc)
+        except Exception:  # a task of its own: nobody else would hear of it
+            log.exception("webhook delivery %s failed; it will be tried again", entry_id)
+
+    async def _post(self, entry_id: str, fields: dict[str, str]) -> None:
         job = await self.store.get(fields.get("id", ""))
         url = job.options.get("webhook") if job is not None else None
         if job is None or not isinstance(url, str):
             await self._done(entry_id)  # the record expired, or names no webhook: nothing owed
+            return
+        try:
+            # Checked again here: the job may come from a producer with other settings.
+            check_webhook(url, self.settings.hosts)
+        except InvalidBody as exc:
+            log.error("webhook of job %s not sent: %s", job.id, exc)
+            await self._done(entry_id)
             return
         body = json.dumps(job.to_api()).encode()
         headers = {

@@ -8,7 +8,9 @@ import time
 import aiohttp
 import redis.asyncio as aioredis
 
-from service.settings import Settings
+from service import keys
+from service.engines.asyncio_ import StreamConsumer
+from service.settings import IoWorkerSettings, Settings
 from tests.conftest import Gateway, wait_state
 from tests.procs import Proc, env_with
 
@@ -70,3 +72,23 @@ async def test_a_job_held_by_a_killed_worker_is_reclaimed(
         first.stop()
     record = await bare_gateway.wait(job["id"])
     assert record["attempts"] == 2 and record["result"] == 2
+
+
+async def test_taking_jobs_makes_a_group_redis_lost_and_strands_nothing(
+    redis: aioredis.Redis,
+) -> None:
+    """After Redis lost its data, a job queued on one priority's stream makes that stream
+    without its group: ``take`` makes the group and returns every entry, not an error that
+    would leave the entries already taken from other streams with it, unstarted."""
+    consumer = StreamConsumer(redis, _never, IoWorkerSettings(queues=("q",)))
+    high, normal = keys.stream("q", "high"), keys.stream("q")
+    await redis.xgroup_create(high, keys.IO_GROUP, id="0", mkstream=True)
+    first = await redis.xadd(high, {"id": "job-1"})
+    second = await redis.xadd(normal, {"id": "job-2"})  # a stream with no group
+    taken = await consumer._take(list(keys.streams("q")), 10)
+    assert taken == [(high, [(first, {"id": "job-1"})]), (normal, [(second, {"id": "job-2"})])]
+    assert (await redis.xpending(normal, keys.IO_GROUP))["pending"] == 1
+
+
+async def _never(job_id: str, entry_id: str, fields: object) -> None:
+    raise AssertionError("not run in this test")

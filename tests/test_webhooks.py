@@ -10,14 +10,16 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
 from service import keys
+from service.errors import InvalidBody
 from service.settings import Settings, WebhookSettings
-from service.webhooks import signature
+from service.webhooks import check_webhook, signature
 from tests.conftest import Gateway, start_gateway, wait_state
 from tests.procs import Proc, env_with
 
@@ -66,17 +68,20 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
-def _hooked(settings: Settings) -> Settings:
-    """Settings that allow webhooks to 127.0.0.1, signed, retried quickly."""
-    webhooks = WebhookSettings(
-        hosts=("127.0.0.1",), secret=SECRET, timeout_s=1.0, first_retry_s=0.2
-    )
-    return replace(settings, webhooks=webhooks)
+def _hooked(settings: Settings, receiver: Receiver, worker: bool = True) -> Settings:
+    """Settings that allow webhooks to the receiver, signed, retried quickly; without an
+    embedded io worker unless ``worker``."""
+    host = urlsplit(receiver.url).netloc
+    webhooks = WebhookSettings(hosts=(host,), secret=SECRET, timeout_s=1.0, first_retry_s=0.2)
+    gateway = replace(settings.gateway, embedded_io_worker=worker)
+    return replace(settings, webhooks=webhooks, gateway=gateway)
 
 
 @pytest.fixture
-async def hooked(settings: Settings, redis: aioredis.Redis) -> AsyncIterator[Gateway]:
-    server, session = await start_gateway(_hooked(settings))
+async def hooked(
+    settings: Settings, redis: aioredis.Redis, receiver: Receiver
+) -> AsyncIterator[Gateway]:
+    server, session = await start_gateway(_hooked(settings, receiver))
     yield Gateway(server, session)
     await session.close()
     await server.close()
@@ -113,9 +118,7 @@ async def test_a_failed_delivery_is_tried_again_until_answered(
 async def test_a_cancelled_job_is_posted_too(
     settings: Settings, redis: aioredis.Redis, receiver: Receiver
 ) -> None:
-    no_worker = _hooked(settings)
-    no_worker = replace(no_worker, gateway=replace(no_worker.gateway, embedded_io_worker=False))
-    server, session = await start_gateway(no_worker)
+    server, session = await start_gateway(_hooked(settings, receiver, worker=False))
     gateway = Gateway(server, session)
     try:
         job = await gateway.submit("io.echo", 1, webhook=receiver.url)
@@ -131,8 +134,7 @@ async def test_a_delivery_owed_while_no_gateway_runs_is_made_by_the_next(
     settings: Settings, redis: aioredis.Redis, receiver: Receiver
 ) -> None:
     """The job ends on an io worker while no gateway is up; the next gateway posts it."""
-    no_worker = _hooked(settings)
-    no_worker = replace(no_worker, gateway=replace(no_worker.gateway, embedded_io_worker=False))
+    no_worker = _hooked(settings, receiver, worker=False)
     server, session = await start_gateway(no_worker)
     job = await Gateway(server, session).submit("io.echo", "later", webhook=receiver.url)
     await session.close()
@@ -159,6 +161,7 @@ async def test_a_delivery_owed_while_no_gateway_runs_is_made_by_the_next(
     ("webhook", "says"),
     [
         ("http://10.0.0.1/hook", "may only call the hosts"),
+        ("http://127.0.0.1/hook", "may only call the hosts"),  # port 80: not allowed
         ("http://127.0.0.1.example.com/hook", "may only call the hosts"),
         ("file:///etc/passwd", "http or https"),
         ("http://user:pw@127.0.0.1/hook", "user or password"),
@@ -184,3 +187,44 @@ async def test_webhooks_are_off_unless_hosts_are_allowed(
     status, reply = await gateway.call("POST", "/v1/jobs", json=body)
     assert status == 400 and "COREFLEET_WEBHOOK_HOSTS" in reply["error"]["message"]
     assert await redis.zcard("cf:jobs") == 0
+
+
+async def test_the_posting_gateway_checks_the_url_against_its_own_hosts(
+    settings: Settings, redis: aioredis.Redis, receiver: Receiver
+) -> None:
+    """A job stored where its host was allowed is not posted by a gateway that does not
+    allow it: the delivery is dropped, and nothing reaches the receiver."""
+    server, session = await start_gateway(_hooked(settings, receiver, worker=False))
+    job = await Gateway(server, session).submit("io.echo", 1, webhook=receiver.url)
+    await session.close()
+    await server.close()
+    stricter = replace(settings, webhooks=WebhookSettings(hosts=("hooks.example",)))
+    server, session = await start_gateway(stricter)  # with an io worker: the job ends
+    try:
+        assert await wait_state(redis, job["id"], "succeeded") == "succeeded"
+        async with asyncio.timeout(30):
+            while await redis.xlen(keys.WEBHOOKS):  # noqa: ASYNC110  # no event for a drop
+                await asyncio.sleep(0.05)  # sleep-ok: waiting for the sender to drop it
+    finally:
+        await session.close()
+        await server.close()
+    assert receiver.got.empty()
+
+
+def test_hosts_allow_a_name_on_the_default_ports_or_a_name_and_port() -> None:
+    hosts = ("hooks.example", "[fd00::1]:8443", "other.example:8080")
+    for allowed in (
+        "https://hooks.example/x",
+        "http://HOOKS.example:80/x",
+        "https://[fd00::1]:8443/x",
+        "http://other.example:8080/",
+    ):
+        assert check_webhook(allowed, hosts) == allowed
+    for refused in (
+        "http://hooks.example:6379/",
+        "https://[fd00::1]/x",
+        "http://other.example/",
+        "http://fd00::1:8443/",
+    ):
+        with pytest.raises(InvalidBody):
+            check_webhook(refused, hosts)

@@ -146,6 +146,9 @@ class StreamConsumer:
         self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
         #: Jobs this consumer holds that were cancelled, and the state they were in then.
         self._cancelled: dict[str, str] = {}
+        #: Entries taken beyond the room there was (a blocking read can return one per
+        #: stream): held, and started before anything more is read, highest priority first.
+        self._parked: list[tuple[str, str, dict[str, str]]] = []
         self._slot_freed = asyncio.Event()
         self._draining = False
         self._batch = Batcher(
@@ -195,12 +198,17 @@ class StreamConsumer:
 
     async def _read(self, stop: asyncio.Event) -> None:
         streams = self._streams()
+        rank = {stream: i for i, stream in enumerate(streams)}
         while not stop.is_set():
             free = self.settings.concurrency - len(self._held)
             if free <= 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), 1.0)
+                continue
+            if self._parked:
+                ready, self._parked = self._parked[:free], self._parked[free:]
+                await self._start_all(ready)
                 continue
             try:
                 taken = await self._take(streams, min(free, 512))
@@ -228,12 +236,21 @@ class StreamConsumer:
                     log.error("cannot create the consumer groups (%s); retrying", again)
                     await asyncio.sleep(1.0)
                 continue
-            for stream, entries in taken or ():
-                for entry_id, fields in entries:
-                    if not self._start(stream, entry_id, fields):
-                        await self._ack(stream, entry_id)
-            # Let the jobs just taken start before the next read is sent.
-            await asyncio.sleep(0)
+            entries = [
+                (stream, entry_id, fields or {})
+                for stream, got in taken or ()
+                for entry_id, fields in got
+            ]
+            entries.sort(key=lambda entry: rank.get(entry[0], 0))  # stable: oldest first
+            ready, self._parked = entries[:free], entries[free:]
+            await self._start_all(ready)
+
+    async def _start_all(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
+        for stream, entry_id, fields in entries:
+            if not self._start(stream, entry_id, fields):
+                await self._ack(stream, entry_id)
+        # Let the jobs just taken start before the next read is sent.
+        await asyncio.sleep(0)
 
     def _streams(self) -> list[str]:
         """Every stream of this consumer's queues, the highest priority first."""
@@ -322,7 +339,8 @@ class StreamConsumer:
 
     async def _renew(self) -> None:
         by_stream: dict[str, list[Any]] = {}
-        for _task, stream, entry_id in self._held.values():
+        held = [(stream, entry_id) for _task, stream, entry_id in self._held.values()]
+        for stream, entry_id in held + [(s, e) for s, e, _fields in self._parked]:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             await self.redis.xclaim(stream, keys.IO_GROUP, self.name, 0, ids, justid=True)
@@ -330,7 +348,7 @@ class StreamConsumer:
     async def _reclaim(self) -> None:
         min_idle = int(self.settings.lease_s * 1000)
         for stream in self._streams():
-            free = self.settings.concurrency - len(self._held)
+            free = self.settings.concurrency - len(self._held) - len(self._parked)
             if free <= 0:
                 return
             reply = await self.redis.xautoclaim(

@@ -10,8 +10,16 @@ for _, stream in ipairs(KEYS) do
   if left <= 0 then break end
   -- A stream no job has used yet may not exist; reading it would be an error.
   if redis.call('EXISTS', stream) == 1 then
-    local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
-                             'STREAMS', stream, '>')
+    local read = {'XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', stream, '>'}
+    local reply = redis.pcall(unpack(read))
+    if type(reply) == 'table' and reply.err then
+      -- The stream was made again without its group (Redis lost its data, and a job was
+      -- queued since): make the group, from the stream's start, and read again. An error
+      -- here would leave what was taken above with this consumer, unstarted.
+      if not string.find(reply.err, 'NOGROUP', 1, true) then return redis.error_reply(reply.err) end
+      redis.call('XGROUP', 'CREATE', stream, ARGV[1], '0')
+      reply = redis.call(unpack(read))
+    end
     if reply then
       local entries = reply[1][2]
       taken[#taken + 1] = {stream, entries}
