@@ -16,7 +16,9 @@ for _, stream in ipairs(KEYS) do
       -- The stream was made again without its group (Redis lost its data, and a job was
       -- queued since): make the group, from the stream's start, and read again. An error
       -- here would leave what was taken above with this consumer, unstarted.
-      if not string.find(reply.err, 'NOGROUP', 1, true) then return redis.error_reply(reply.err) end
+      if not string.find(reply.err, 'NOGROUP', 1, true) then
+        return redis.error_reply(reply.err)
+      end
       redis.call('XGROUP', 'CREATE', stream, ARGV[1], '0')
       reply = redis.call(unpack(read))
     end
