@@ -1,5 +1,6 @@
 """Every Redis key and channel corefleet uses, in one place."""
 
+import functools
 import hashlib
 
 from tasks import DEFAULT_PRIORITY, PRIORITIES
@@ -52,6 +53,7 @@ def stream(queue: str, priority: str = DEFAULT_PRIORITY) -> str:
     return base if priority == DEFAULT_PRIORITY else f"{base}#{priority}"
 
 
+@functools.lru_cache(maxsize=1024)  # asked at every submit, for a handful of queues
 def streams(queue: str) -> tuple[str, ...]:
     """Every stream of a stream queue, in the order its consumers take them."""
     return tuple(stream(queue, priority) for priority in PRIORITIES)

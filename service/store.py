@@ -182,7 +182,8 @@ class JobStore:
                 where = Dispatch("delay", keys.DELAYED, str(_unix_ms(job.run_at)))
             fields = job.to_hash()
             script_keys += [keys.job(job.id), where.key]
-            counted = where.queue_keys or (where.key,)
+            # The queue's keys are read only to enforce a limit.
+            counted = (where.queue_keys or (where.key,)) if self.max_queue_length else ()
             args += [where.op, where.value, len(counted), *counted, len(fields)]
             for name, value in fields.items():
                 args += [name, value]

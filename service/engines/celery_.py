@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import uuid
@@ -48,6 +49,7 @@ def celery_list(queue: str, step: int) -> str:
     return queue if step == 0 else f"{queue}{_PRIORITY_SEP}{step}"
 
 
+@functools.lru_cache(maxsize=1024)  # asked at every submit, for a handful of queues
 def celery_lists(queue: str) -> tuple[str, ...]:
     """Every list of a Celery queue, in the order its workers take them."""
     return tuple(celery_list(queue, step) for step in PRIORITY_STEPS)

@@ -9,7 +9,8 @@
 -- ARGV[3]  the most jobs a queue may hold (0: no limit): a job whose queue is that full
 --          is refused with everything else in the call (back-pressure)
 -- ARGV     then per job, in order: op, value, m, then the m keys that together hold the
---          job's queue (one per priority level: the queue's length is theirs summed), n,
+--          job's queue (one per priority level: the queue's length is theirs summed; none
+--          when there is no limit), n,
 --          then n field/value pairs; then, with a key: the job's id, the request's
 --          fingerprint and the key's TTL in seconds
 --   op "xadd": add an entry holding the job's id (value) to the stream
