@@ -157,3 +157,19 @@ async def test_a_task_may_declare_the_priority_of_its_jobs(
 def test_a_task_with_an_unknown_priority_is_refused() -> None:
     with pytest.raises(ValueError, match="priority must be one of high, normal, low"):
         task("test.bad_priority", kind="io", priority="urgent")
+
+
+async def test_the_designs_example_submit_is_accepted(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """The body DESIGN.md shows for POST /v1/jobs, priority included."""
+    body = {
+        "task": "cpu.count_primes",
+        "args": [1000000],
+        "kwargs": {},
+        "options": {"priority": "high", "timeout_s": 30, "max_attempts": 3, "delay_s": 0},
+    }
+    status, job = await gateway.call("POST", "/v1/jobs", json=body)
+    assert status == 202, job
+    assert (job["engine"], job["queue"], job["state"]) == ("celery", "cpu", "queued")
+    assert await redis.llen(celery_lists("cpu")[0]) == 1  # kombu's first (highest) list
