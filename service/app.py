@@ -187,7 +187,10 @@ async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
-    # Every gateway posts the webhook deliveries owed (each is taken by one of them).
+    # Every gateway with webhooks on posts the deliveries owed (each is taken by one).
+    if not app[SETTINGS].webhooks.hosts:
+        yield  # webhooks are off here: deliveries owed wait for a gateway that posts them
+        return
     stop = asyncio.Event()
     sender = WebhookSender(app[REDIS], app[STORE], app[SETTINGS].webhooks)
     await sender.prepare()

@@ -164,7 +164,7 @@ def webhook_addresses(allowed_hosts: tuple[str, ...]) -> frozenset[tuple[str, in
     allowed: set[tuple[str, int | None]] = set()
     for entry in allowed_hosts:
         parts = urlsplit(f"//{entry}")
-        if not parts.hostname or parts.path or parts.username is not None:
+        if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username:
             raise ValueError(f"{entry!r} is not a host or host:port")
         if parts.port is not None:
             allowed.add((parts.hostname, parts.port))

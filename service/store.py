@@ -209,6 +209,14 @@ class JobStore:
             return None  # this very call, sent again after its answer was lost
         return Earlier(earlier, reply[1])
 
+    async def earlier(self, once: Once) -> Earlier | None:
+        """The job ``once``'s key already stands for, if it does and that job still exists
+        (read only: ``create`` decides atomically)."""
+        held = await self.redis.get(keys.idempotency(once.key))
+        job_id, _, fingerprint = (held or "").partition(" ")
+        job = await self.get(job_id) if job_id and fingerprint else None
+        return Earlier(job, fingerprint) if job is not None else None
+
     async def get(self, job_id: str) -> Job | None:
         # redis-py types each command for its sync and async clients at once.
         raw: dict[str, str] = await self.redis.hgetall(keys.job(job_id))  # type: ignore[misc]

@@ -183,13 +183,17 @@ class Submitter:
         with the same request, nothing is stored and that job (as it is now) is returned;
         a different request under the same key is refused with ``IdempotencyKeyReused``.
         """
-        for job in jobs:
-            if job.options.get("require_worker"):
-                await self._require_worker(job)
         once = None if idempotency_key is None else Once(idempotency_key, _fingerprint(jobs[0]))
-        earlier = await self.store.create(
-            jobs, lambda job: self.engines[job.engine].dispatch(job), once
-        )
+        # A resend is answered with its job even when the job could not be queued now (no
+        # worker, an engine away): it was queued then. ``create`` checks again, atomically.
+        earlier = await self.store.earlier(once) if once is not None else None
+        if earlier is None:
+            for job in jobs:
+                if job.options.get("require_worker"):
+                    await self._require_worker(job)
+            earlier = await self.store.create(
+                jobs, lambda job: self.engines[job.engine].dispatch(job), once
+            )
         if earlier is None:
             return None
         assert once is not None

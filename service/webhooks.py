@@ -2,8 +2,8 @@
 
 Durable: the script that ends a job that named a webhook adds the job's id to
 ``cf:webhooks`` in the same step, so the delivery is owed as soon as the job ends, whatever
-process ended it and whichever gateways are up. Every gateway reads that stream in one
-consumer group and posts each delivery once it has it; a 2xx answer acknowledges it. A
+process ended it and whichever gateways are up. Every gateway with webhooks on reads that
+stream in one consumer group and posts each delivery once it has it; a 2xx answer acknowledges it. A
 delivery that fails (another status, a redirect, no answer within ``timeout_s``) stays
 pending and is tried again, by whichever gateway claims it, once ``timeout_s`` and a wait
 that doubles from ``first_retry_s`` (up to ``MAX_RETRY_S``) have passed; after
@@ -12,7 +12,9 @@ gateway that dies after posting and before acknowledging): ``Corefleet-Delivery`
 each delivery, the same on every try.
 
 Only the hosts in ``COREFLEET_WEBHOOK_HOSTS`` may be named, and with none webhooks are off:
-whoever may submit must not make a gateway call any address its network reaches.
+whoever may submit must not make a gateway call any address its network reaches. The list
+is checked when a job is submitted; a gateway posts what was accepted (producers, which
+reach Redis itself, are trusted), and one with webhooks off posts nothing.
 With ``COREFLEET_WEBHOOK_SECRET`` every body is signed, ``Corefleet-Signature: sha256=``
 and the hex HMAC-SHA256 of the body under the secret.
 """
@@ -99,6 +101,8 @@ class WebhookSender:
         self._session: aiohttp.ClientSession | None = None
         #: Deliveries being posted now, by entry id.
         self._sending: dict[str, asyncio.Task[None]] = {}
+        #: Where the next look through the failed deliveries starts.
+        self._cursor = "-"
 
     async def prepare(self) -> None:
         """Create the deliveries' stream and group, before the first job can end."""
@@ -160,12 +164,14 @@ class WebhookSender:
     async def _send_again(self) -> None:
         """Claim and post the failed deliveries whose wait is over; drop the hopeless."""
         due: list[int | bytes | str | memoryview[int]] = []  # as redis-py types ids
-        start = "-"
+        room = MAX_IN_FLIGHT - len(self._sending)
         for _page in range(MAX_PAGES):
+            if room <= 0:
+                break
             pending = await self.redis.xpending_range(
                 keys.WEBHOOKS,
                 GROUP,
-                min=start,
+                min=self._cursor,
                 max="+",
                 count=BATCH,
                 idle=int(self._wait_ms(1)),
@@ -177,12 +183,15 @@ class WebhookSender:
                 if tries >= MAX_DELIVERIES:
                     log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
                     await self._done(entry_id)
-                elif item["time_since_delivered"] >= self._wait_ms(tries):
+                elif item["time_since_delivered"] >= self._wait_ms(tries) and room > 0:
                     due.append(entry_id)
-            room = MAX_IN_FLIGHT - len(self._sending) - len(due)
-            if len(pending) < BATCH or room <= 0:
+                    room -= 1
+            # The next round goes on from here, so that many deliveries waiting out long
+            # backoffs cannot hide those behind them; from the start once at the end.
+            if len(pending) < BATCH:
+                self._cursor = "-"
                 break
-            start = f"({pending[-1]['message_id']}"  # the next page: after the last one seen
+            self._cursor = f"({pending[-1]['message_id']}"
         if not due:
             return
         # Claimed only if still idle that long: two gateways never both take one.
@@ -220,13 +229,6 @@ class WebhookSender:
         url = job.options.get("webhook") if job is not None else None
         if job is None or not isinstance(url, str):
             await self._done(entry_id)  # the record expired, or names no webhook: nothing owed
-            return
-        try:
-            # Checked again here: the job may come from a producer with other settings.
-            check_webhook(url, self.settings.hosts)
-        except InvalidBody as exc:
-            log.error("webhook of job %s not sent: %s", job.id, exc)
-            await self._done(entry_id)
             return
         body = json.dumps(job.to_api()).encode()
         headers = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,8 +13,9 @@ import redis.asyncio as aioredis
 
 from clients import AsyncClient, Client
 from clients.producer import AsyncProducer
-from service import errors, keys
-from tests.conftest import Gateway
+from service import errors, keys, presence
+from service.settings import Settings
+from tests.conftest import Gateway, start_gateway, wait_workers
 from tests.procs import RedisServer
 
 
@@ -130,3 +132,37 @@ async def test_clients_and_producer_send_a_key(
         with pytest.raises(errors.IdempotencyKeyReused):
             await producer.submit("io.echo", 4, idempotency_key="c1")
     assert len(await _jobs_stored(redis)) == 2
+
+
+async def test_a_resend_gets_its_job_even_when_it_could_not_be_queued_now(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The first send found a worker (``require_worker``); the resend, after the worker
+    left, is answered with that job, not a 503. Without the key, the 503 stands."""
+    body = {"task": "io.echo", "args": [1], "options": {"require_worker": True}}
+    server, session = await start_gateway(settings)  # its embedded io worker consumes io
+    gateway = Gateway(server, session)
+    try:
+        await wait_workers(redis, "io")
+        status, first, _ = await _post(gateway, body, "resend-1")
+        assert status == 202
+    finally:
+        await session.close()
+        await server.close()
+
+    no_worker = replace(settings, gateway=replace(settings.gateway, embedded_io_worker=False))
+    server, session = await start_gateway(no_worker)
+    gateway = Gateway(server, session)
+    try:
+        assert not await presence.live(redis, "io")  # the worker left with its gateway
+        status, again, headers = await _post(gateway, body, "resend-1")
+        assert (status, again["id"], headers["Idempotent-Replayed"]) in (
+            (202, first["id"], "true"),
+            (200, first["id"], "true"),  # it may have finished meanwhile
+        )
+        status, refused = await gateway.call("POST", "/v1/jobs", json=body)
+        assert status == 503 and refused["error"]["code"] == "engine_unavailable"
+        assert len(await _jobs_stored(redis)) == 1
+    finally:
+        await session.close()
+        await server.close()

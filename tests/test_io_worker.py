@@ -92,3 +92,21 @@ async def test_taking_jobs_makes_a_group_redis_lost_and_strands_nothing(
 
 async def _never(job_id: str, entry_id: str, fields: object) -> None:
     raise AssertionError("not run in this test")
+
+
+async def test_entries_taken_but_not_started_are_handed_back_as_the_reader_stops(
+    redis: aioredis.Redis,
+) -> None:
+    """Parked entries (taken beyond the room there was) are marked idle for a whole lease
+    when the consumer stops reading, so another consumer takes them over at once."""
+    settings = IoWorkerSettings(queues=("q",), lease_s=30.0)
+    consumer = StreamConsumer(redis, _never, settings)
+    stream = keys.stream("q")
+    await redis.xgroup_create(stream, keys.IO_GROUP, id="0", mkstream=True)
+    entry = await redis.xadd(stream, {"id": "job-1"})
+    await redis.xreadgroup(keys.IO_GROUP, consumer.name, {stream: ">"}, count=1)
+    consumer._parked = [(stream, entry, {"id": "job-1"})]
+    await consumer._release_parked()
+    assert consumer._parked == []
+    idle = await redis.xpending_range(stream, keys.IO_GROUP, "-", "+", 10, idle=30_000)
+    assert [item["message_id"] for item in idle] == [entry]

@@ -187,6 +187,7 @@ class StreamConsumer:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            await self._release_parked()
             # Held jobs keep their leases (nobody else runs them meanwhile) and their
             # cancels while they drain.
             await self._drain(grace_s)
@@ -242,8 +243,24 @@ class StreamConsumer:
                 for entry_id, fields in got
             ]
             entries.sort(key=lambda entry: rank.get(entry[0], 0))  # stable: oldest first
+            # Counted again: a reclaim may have started jobs while this read waited.
+            free = max(0, self.settings.concurrency - len(self._held))
             ready, self._parked = entries[:free], entries[free:]
             await self._start_all(ready)
+
+    async def _release_parked(self) -> None:
+        """Hand back the entries taken but not started, as the reader stops: marked idle
+        for a whole lease, so that another consumer takes them over at once, rather than
+        this one holding them unstarted while its running jobs drain."""
+        parked, self._parked = self._parked, []
+        idle_ms = int(self.settings.lease_s * 1000)
+        try:
+            for stream, entry_id, _fields in parked:
+                await self.redis.xclaim(
+                    stream, keys.IO_GROUP, self.name, 0, [entry_id], idle=idle_ms, justid=True
+                )
+        except (RedisError, OSError) as exc:  # they come back after the lease anyway
+            log.warning("could not hand back %d entries (%s)", len(parked), exc)
 
     async def _start_all(self, entries: list[tuple[str, str, dict[str, str]]]) -> None:
         for stream, entry_id, fields in entries:
