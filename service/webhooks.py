@@ -3,13 +3,13 @@
 Durable: the script that ends a job that named a webhook adds the job's id to
 ``cf:webhooks`` in the same step, so the delivery is owed as soon as the job ends, whatever
 process ended it and whichever gateways are up. Every gateway with webhooks on reads that
-stream in one consumer group and posts each delivery once it has it; a 2xx answer acknowledges it. A
-delivery that fails (another status, a redirect, no answer within ``timeout_s``) stays
-pending and is tried again, by whichever gateway claims it, once ``timeout_s`` and a wait
-that doubles from ``first_retry_s`` (up to ``MAX_RETRY_S``) have passed; after
-``MAX_DELIVERIES`` tries it is dropped, and logged. Receivers may see a delivery twice (a
-gateway that dies after posting and before acknowledging): ``Corefleet-Delivery`` names
-each delivery, the same on every try.
+stream in one consumer group and posts each delivery once it has it; a 2xx answer
+acknowledges it. A delivery that fails (another status, a redirect, no answer within
+``timeout_s``) stays pending and is tried again, by whichever gateway claims it, once
+``timeout_s`` and a wait that doubles from ``first_retry_s`` (up to ``MAX_RETRY_S``) have
+passed; after ``MAX_DELIVERIES`` tries it is dropped, and logged. Receivers may see a
+delivery twice (a gateway that dies after posting and before acknowledging):
+``Corefleet-Delivery`` names each delivery, the same on every try.
 
 Only the hosts in ``COREFLEET_WEBHOOK_HOSTS`` may be named, and with none webhooks are off:
 whoever may submit must not make a gateway call any address its network reaches. The list
