@@ -172,4 +172,4 @@ async def test_the_designs_example_submit_is_accepted(
     status, job = await gateway.call("POST", "/v1/jobs", json=body)
     assert status == 202, job
     assert (job["engine"], job["queue"], job["state"]) == ("celery", "cpu", "queued")
-    assert await redis.llen(celery_lists("cpu")[0]) == 1  # kombu's first (highest) list
+    assert job["options"]["priority"] == "high" and job["max_attempts"] == 3
