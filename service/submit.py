@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,11 +25,10 @@ from service.errors import (
 from service.jobs import Job, iso
 from service.store import JobStore, Once
 from service.webhooks import check_webhook
-from tasks import DEFAULT_PRIORITY, PRIORITIES, Registry, bind_arguments
+from tasks import DEFAULT_PRIORITY, PRIORITIES, QUEUE_NAME, Registry, bind_arguments
 from tasks.context import MAX_DELAY_S
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 #: The job options a submit may carry.
@@ -61,7 +59,7 @@ def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> d
     ):
         raise InvalidBody("options.max_attempts must be a whole number from 1 to 100")
     queue = options.get("queue")
-    if queue is not None and (not isinstance(queue, str) or not _QUEUE_RE.match(queue)):
+    if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.match(queue)):
         raise InvalidBody("options.queue must be 1 to 64 letters, digits or _.:-")
     if queue is not None and queue.startswith(keys.PREFIX):
         # A Celery queue is a Redis list of that very name: it must not be one of ours.

@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import random
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +41,9 @@ DASK_QUEUE = "dask"
 PRIORITIES = ("high", "normal", "low")
 #: The level of a job whose submit and task name none.
 DEFAULT_PRIORITY = "normal"
+
+#: What a queue may be named: its Redis keys add ``#`` and a priority to the name.
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 _MARK = "__corefleet_task__"
 
@@ -146,6 +150,8 @@ def task(
         raise ValueError("retry_on must be a tuple of exception classes")
     if not 0 <= retry_backoff_s <= retry_backoff_max_s:
         raise ValueError("retry_backoff_s must be from 0 to retry_backoff_max_s")
+    if queue is not None and not QUEUE_NAME.match(queue):
+        raise ValueError(f"queue must be 1 to 64 letters, digits or _.:-, not {queue!r}")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
 

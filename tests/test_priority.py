@@ -173,3 +173,8 @@ async def test_the_designs_example_submit_is_accepted(
     assert status == 202, job
     assert (job["engine"], job["queue"], job["state"]) == ("celery", "cpu", "queued")
     assert job["options"]["priority"] == "high" and job["max_attempts"] == 3
+
+
+def test_a_task_queue_name_that_its_keys_could_not_hold_is_refused() -> None:
+    with pytest.raises(ValueError, match="queue must be 1 to 64 letters"):
+        task("test.bad_queue", kind="io", queue="io#high")
