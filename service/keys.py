@@ -28,6 +28,9 @@ DELAYED = PREFIX + "delayed"
 #: Stream of webhook deliveries owed: ``{"id": job id}``, added as a job that named a webhook
 #: ends (see ``webhooks.py``).
 WEBHOOKS = PREFIX + "webhooks"
+#: Hash of webhook counters for /metrics: "delivered", "failed" (a try that failed) and
+#: "dropped" (given up) -> count, over every gateway.
+WEBHOOK_STATS = PREFIX + "webhook-stats"
 #: Consumer group that io workers read job streams with.
 IO_GROUP = "corefleet-io"
 

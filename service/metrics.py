@@ -45,6 +45,10 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 CLIENT_GONE = 499
 
 
+#: The outcomes of a webhook post that ``corefleet_webhook_tries_total`` counts.
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
+
+
 class HttpMetrics:
     """Request counts and durations of one gateway process, by method, route and status."""
 
@@ -115,8 +119,26 @@ async def render(redis: aioredis.Redis, queues: Mapping[str, Any], http: HttpMet
         "Jobs waiting for their time (delay_s, or the backoff before a retry).",
         [({}, float(queues["delayed"]))],
     )
+    lines += await _webhooks(redis)
     lines += _http(http)
     return "\n".join(lines) + "\n"
+
+
+async def _webhooks(redis: aioredis.Redis) -> list[str]:
+    counts: dict[str, str] = await redis.hgetall(keys.WEBHOOK_STATS)  # type: ignore[misc]
+    lines = _family(
+        "corefleet_webhook_tries_total",
+        "counter",
+        "Webhook posts, by outcome: delivered, failed (tried again later) or dropped.",
+        [({"outcome": outcome}, float(counts.get(outcome, 0))) for outcome in WEBHOOK_OUTCOMES],
+    )
+    lines += _family(
+        "corefleet_webhooks_owed",
+        "gauge",
+        "Webhook deliveries not yet answered (waiting, being posted or to be tried again).",
+        [({}, float(await redis.xlen(keys.WEBHOOKS)))],
+    )
+    return lines
 
 
 def _queue_gauges(engines: Mapping[str, dict[str, Any]]) -> list[str]:

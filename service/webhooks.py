@@ -182,7 +182,7 @@ class WebhookSender:
                     continue
                 if tries >= MAX_DELIVERIES:
                     log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
-                    await self._done(entry_id)
+                    await self._done(entry_id, "dropped")
                 elif item["time_since_delivered"] >= self._wait_ms(tries) and room > 0:
                     due.append(entry_id)
                     room -= 1
@@ -250,12 +250,17 @@ class WebhookSender:
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
         if ok:
-            await self._done(entry_id)
+            await self._done(entry_id, "delivered")
         else:
             log.warning("webhook of job %s to %s failed (%s); will try again", job.id, url, problem)
+            await self.redis.hincrby(keys.WEBHOOK_STATS, "failed", 1)  # type: ignore[misc]
 
-    async def _done(self, entry_id: str) -> None:
+    async def _done(self, entry_id: str, outcome: str = "") -> None:
+        """The delivery is owed no more: ``delivered``, ``dropped`` after its last try, or
+        (no outcome) nothing was owed after all (the job's record expired)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(keys.WEBHOOKS, GROUP, entry_id)
         pipe.xdel(keys.WEBHOOKS, entry_id)
+        if outcome:
+            pipe.hincrby(keys.WEBHOOK_STATS, outcome, 1)
         await pipe.execute()

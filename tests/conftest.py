@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -100,6 +101,28 @@ async def bare_gateway(settings: Settings, redis: aioredis.Redis) -> AsyncIterat
     yield Gateway(server, session)
     await session.close()
     await server.close()
+
+
+_SAMPLE = re.compile(
+    r'^([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.]+(?:e[+-]?[0-9]+)?|\+Inf)$'
+)
+
+
+async def scrape_metrics(gateway: Gateway) -> dict[str, float]:
+    """Every sample, keyed by its name and labels as written."""
+    async with gateway.session.get(f"{gateway.url}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("# "):
+            assert line.split()[1] in ("HELP", "TYPE"), line
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        samples[line.rsplit(" ", 1)[0]] = float(match.group(3))
+    return samples
 
 
 async def wait_state(redis: aioredis.Redis, job_id: str, *states: str, within: float = 30) -> str:

@@ -3,33 +3,10 @@ from the engines, and the gateway's own HTTP metrics, in Prometheus' text format
 
 from __future__ import annotations
 
-import re
-
 import redis.asyncio as aioredis
 
 from service import keys
-from tests.conftest import Gateway
-
-_SAMPLE = re.compile(
-    r'^([a-z_]+)(\{(?:[a-z_]+="(?:[^"\\]|\\.)*",?)*\})? (-?[0-9.]+(?:e[+-]?[0-9]+)?|\+Inf)$'
-)
-
-
-async def _scrape(gateway: Gateway) -> dict[str, float]:
-    """Every sample, keyed by its name and labels as written."""
-    async with gateway.session.get(f"{gateway.url}/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = await resp.text()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("# "):
-            assert line.split()[1] in ("HELP", "TYPE"), line
-            continue
-        match = _SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        samples[line.rsplit(" ", 1)[0]] = float(match.group(3))
-    return samples
+from tests.conftest import Gateway, scrape_metrics
 
 
 async def test_job_counters_count_every_change(gateway: Gateway) -> None:
@@ -40,7 +17,7 @@ async def test_job_counters_count_every_change(gateway: Gateway) -> None:
     held = await gateway.submit("io.sleep", 30)
     status, _ = await gateway.call("DELETE", f"/v1/jobs/{held['id']}")
     assert status == 200
-    got = await _scrape(gateway)
+    got = await scrape_metrics(gateway)
     echo = 'engine="asyncio",task="io.echo"'
     assert got[f"corefleet_jobs_submitted_total{{{echo}}}"] == 3
     assert got[f"corefleet_job_attempts_total{{{echo}}}"] == 3
@@ -54,7 +31,7 @@ async def test_job_counters_count_every_change(gateway: Gateway) -> None:
 async def test_queue_gauges_follow_the_queues(bare_gateway: Gateway) -> None:
     for i in range(4):
         await bare_gateway.submit("io.echo", i)
-    got = await _scrape(bare_gateway)
+    got = await scrape_metrics(bare_gateway)
     assert got['corefleet_queue_waiting{engine="asyncio",queue="io"}'] == 4
     assert got['corefleet_queue_workers{engine="asyncio",queue="io"}'] == 0
     assert got['corefleet_engine_state{engine="asyncio",state="local"}'] == 1
@@ -67,7 +44,7 @@ async def test_http_requests_are_counted_by_route_not_by_id(bare_gateway: Gatewa
     await bare_gateway.call("GET", "/v1/jobs/not-an-id")
     await bare_gateway.call("GET", "/no/such/route")
     await bare_gateway.call("PROPFIND", "/v1/jobs")  # a method not counted by name
-    got = await _scrape(bare_gateway)
+    got = await scrape_metrics(bare_gateway)
     requests = "corefleet_http_requests_total"
     assert got[f'{requests}{{method="POST",route="/v1/jobs",status="202"}}'] == 2
     assert got[f'{requests}{{method="GET",route="/v1/jobs/{{id}}",status="200"}}'] == 2
@@ -84,5 +61,5 @@ async def test_counters_are_shared_through_redis(
 ) -> None:
     """What another gateway or a producer counted shows here too: the numbers are Redis's."""
     await redis.hincrby(keys.STATS, "submitted\tcelery\tcpu.count_primes", 5)
-    got = await _scrape(bare_gateway)
+    got = await scrape_metrics(bare_gateway)
     assert got['corefleet_jobs_submitted_total{engine="celery",task="cpu.count_primes"}'] == 5

@@ -20,7 +20,7 @@ from service import keys
 from service.errors import InvalidBody
 from service.settings import Settings, WebhookSettings, webhook_addresses
 from service.webhooks import check_webhook, signature
-from tests.conftest import Gateway, start_gateway, wait_state
+from tests.conftest import Gateway, scrape_metrics, start_gateway, wait_state
 
 SECRET = "a-secret-the-receiver-shares"
 
@@ -112,6 +112,21 @@ async def test_a_failed_delivery_is_tried_again_until_answered(
     # One delivery, tried three times: the same delivery id on each try.
     assert len({d.headers["Corefleet-Delivery"] for d in tries}) == 1
     assert {d.headers["Corefleet-Job-Id"] for d in tries} == {job["id"]}
+    # /metrics counts the tries once the last answer is recorded.
+    want = {
+        'corefleet_webhook_tries_total{outcome="delivered"}': 1.0,
+        'corefleet_webhook_tries_total{outcome="failed"}': 2.0,
+        'corefleet_webhook_tries_total{outcome="dropped"}': 0.0,
+        "corefleet_webhooks_owed": 0.0,
+    }
+
+    async def counted() -> dict[str, float | None]:
+        got = await scrape_metrics(hooked)
+        return {name: got.get(name) for name in want}
+
+    async with asyncio.timeout(30):
+        while await counted() != want:  # noqa: ASYNC110  # no event for a counter
+            await asyncio.sleep(0.05)  # sleep-ok: the answer is recorded just after it
 
 
 async def test_a_cancelled_job_is_posted_too(
