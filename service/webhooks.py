@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service import keys
-from service.engines.asyncio_ import consumer_name
+from service.engines.asyncio_ import consumer_name, create_group
 from service.errors import InvalidBody
 from service.settings import DEFAULT_PORTS, WebhookSettings, webhook_addresses
 from service.store import JobStore
@@ -106,11 +106,7 @@ class WebhookSender:
 
     async def prepare(self) -> None:
         """Create the deliveries' stream and group, before the first job can end."""
-        try:
-            await self.redis.xgroup_create(keys.WEBHOOKS, GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await create_group(self.redis, keys.WEBHOOKS, GROUP)
 
     async def run(self, stop: asyncio.Event) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)

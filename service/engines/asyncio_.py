@@ -75,11 +75,17 @@ class AsyncioEngine:
 async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
     """Create the consumer group of each of the queue's streams (one per priority)."""
     for stream in keys.streams(queue):
-        try:
-            await redis.xgroup_create(stream, keys.IO_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await create_group(redis, stream, keys.IO_GROUP)
+
+
+async def create_group(redis: aioredis.Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream), reading from its start; one that
+    exists is left as it is."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
 
 
 async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
