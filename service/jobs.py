@@ -111,6 +111,9 @@ class Job:
     attempt_id: str = ""
     #: The stream entry that delivered the job to a cluster dispatcher (not stored).
     entry: str = ""
+    #: What makes two submits the same request (``Idempotency-Key``): the task and what
+    #: it was called with, as sent, before the task's declared defaults (not stored).
+    fingerprint: str = ""
 
     @property
     def priority(self) -> str:

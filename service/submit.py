@@ -128,6 +128,7 @@ class Submitter:
         if problem is not None:
             raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
         _check_options(options, self.webhook_hosts)
+        fingerprint = _fingerprint(name, args, kwargs, options)
         engine = spec.engine
         if engine not in self.engines:
             raise EngineUnavailable(
@@ -151,6 +152,7 @@ class Submitter:
             timeout_s=float(timeout) if timeout is not None else None,
             created_at=iso(now),
             run_at=iso(now + timedelta(seconds=delay)) if delay > 0 else None,
+            fingerprint=fingerprint,
         )
 
     async def _require_worker(self, job: Job) -> None:
@@ -181,7 +183,7 @@ class Submitter:
         with the same request, nothing is stored and that job (as it is now) is returned;
         a different request under the same key is refused with ``IdempotencyKeyReused``.
         """
-        once = None if idempotency_key is None else Once(idempotency_key, _fingerprint(jobs[0]))
+        once = None if idempotency_key is None else Once(idempotency_key, jobs[0].fingerprint)
         # A resend is answered with its job even when the job could not be queued now (no
         # worker, an engine away): it was queued then. ``create`` checks again, atomically.
         earlier = await self.store.earlier(once) if once is not None else None
@@ -204,7 +206,9 @@ class Submitter:
         return earlier.job
 
 
-def _fingerprint(job: Job) -> str:
-    """What makes two submits the same request: the task and what it is called with."""
-    request = [job.task, job.args, job.kwargs, job.options]
+def _fingerprint(task: str, args: Any, kwargs: Any, options: Any) -> str:
+    """What makes two submits the same request: the task and what it is called with, as
+    sent. A default the task declares (its priority, say) is left out: a resend after a
+    deploy changed it is still the same request."""
+    request = [task, args, kwargs, options]
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()

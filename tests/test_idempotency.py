@@ -14,7 +14,10 @@ import redis.asyncio as aioredis
 from clients import AsyncClient, Client
 from clients.producer import AsyncProducer
 from service import errors, keys, presence
+from service.app import SUBMITTER
 from service.settings import Settings
+from service.submit import Submitter
+from tasks import Registry
 from tests.conftest import Gateway, start_gateway, wait_workers
 from tests.procs import RedisServer
 
@@ -67,6 +70,30 @@ async def test_the_key_with_another_request_is_a_409_that_changes_nothing(
     assert status == 409 and body["error"]["code"] == "idempotency_key_reused"
     assert body["error"]["detail"] == {"id": first["id"]}
     assert await _jobs_stored(redis) == [keys.job(first["id"])]
+
+
+async def test_a_resend_after_the_declared_priority_changed_is_the_same_request(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    # test.urgent_note declares priority high, which the record shows; a deploy then
+    # declares it low. The resend (the request as sent, unchanged) is answered with its job.
+    body = {"task": "test.urgent_note", "args": ["x"]}
+    status, first, _ = await _post(bare_gateway, body, "deploy-1")
+    assert status == 202 and first["options"] == {"priority": "high"}
+    submitter = bare_gateway.server.app[SUBMITTER]
+    spec = submitter.registry.get("test.urgent_note")
+    assert spec is not None
+    redeployed = Submitter(
+        submitter.store, Registry([replace(spec, priority="low")]), submitter.engines
+    )
+    job = redeployed.prepare(body)
+    assert job.options == {"priority": "low"}
+    earlier = await redeployed.enqueue([job], "deploy-1")
+    assert earlier is not None and earlier.id == first["id"]
+    assert await _jobs_stored(redis) == [keys.job(first["id"])]
+    # A request that differs from the first is still refused.
+    with pytest.raises(errors.IdempotencyKeyReused):
+        await redeployed.enqueue([redeployed.prepare({**body, "args": ["y"]})], "deploy-1")
 
 
 async def test_a_replay_with_wait_answers_with_the_finished_job(gateway: Gateway) -> None:
