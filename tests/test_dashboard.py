@@ -92,6 +92,36 @@ async def test_jobs_appear_and_finish_on_the_page_as_they_happen(
     await expect(jobs).to_have_count(3)
 
 
+async def test_older_jobs_are_shown_page_by_page(gateway: Gateway, page: Page) -> None:
+    """The newest 50 jobs first; "Show older" adds the next 50, and the page keeps them
+    through the reloads that later events cause; a new filter starts from 50 again."""
+    status, batch = await gateway.call(
+        "POST",
+        "/v1/jobs/batch",
+        json={"jobs": [{"task": "io.echo", "args": [i]} for i in range(55)]},
+    )
+    assert status == 202
+    oldest, newest = batch["jobs"][0]["id"], batch["jobs"][-1]["id"]
+    for job in batch["jobs"]:
+        await gateway.wait(job["id"])
+    jobs = page.locator("#jobs tbody tr")
+    older = page.locator("#older")
+    await expect(jobs).to_have_count(50)
+    await expect(jobs.first).to_have_attribute("data-id", newest)
+    await expect(older).to_be_visible()
+    await older.click()
+    await expect(jobs).to_have_count(55)
+    await expect(jobs.last).to_have_attribute("data-id", oldest)
+    await expect(older).to_be_hidden()  # nothing older is left
+
+    later = await gateway.submit("io.echo", "later")
+    await expect(jobs.first).to_have_attribute("data-id", later["id"])
+    await expect(jobs).to_have_count(56)  # the older ones stay shown
+    await page.select_option("#state-filter", "succeeded")
+    await expect(jobs).to_have_count(50)
+    await expect(older).to_be_visible()
+
+
 async def test_submit_watch_progress_and_cancel_from_the_page(
     gateway: Gateway, page: Page, redis: aioredis.Redis
 ) -> None:

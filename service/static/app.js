@@ -3,7 +3,10 @@
 "use strict";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled", "dead"]);
-const PAGE = 50; // jobs listed
+const PAGE = 50; // jobs listed at first, and added by each "Show older"
+const MAX_PAGE = 500; // the most one GET /v1/jobs returns
+const MAX_PAGES = 40; // requests one listing may take (a rare filter gives short pages)
+let wanted = PAGE; // jobs the listing shows: the newest ones, this many at most
 const rows = new Map(); // job id -> {tr, job}
 let selected = null; // the job id shown in the detail pane
 let reloading = false; // a listing is on its way
@@ -113,13 +116,26 @@ async function reloadJobs() {
   const mine = ++listing;
   try {
     const state = $("state-filter").value;
-    const query = new URLSearchParams({ limit: String(PAGE) });
-    if (state) query.set("state", state);
-    const page = await api("GET", `/v1/jobs?${query}`);
-    if (mine !== listing) return;
+    // The newest ``wanted`` jobs, page after page: read whole each time, so that a reload
+    // after events shows the older jobs the user asked for too, in order.
+    const jobs = [];
+    let cursor = null;
+    for (let pages = 0; pages < MAX_PAGES && jobs.length < wanted; pages++) {
+      const query = new URLSearchParams({ limit: String(Math.min(wanted - jobs.length, MAX_PAGE)) });
+      if (state) query.set("state", state);
+      if (cursor) query.set("cursor", cursor);
+      const page = await api("GET", `/v1/jobs?${query}`);
+      if (mine !== listing) return;
+      jobs.push(...page.jobs);
+      cursor = page.next_cursor;
+      if (!cursor) break;
+    }
     rows.clear();
-    $("jobs").tBodies[0].replaceChildren(...page.jobs.map(render));
-    $("jobs-empty").hidden = page.jobs.length > 0;
+    const seen = new Set();
+    const unique = jobs.filter((job) => !seen.has(job.id) && seen.add(job.id));
+    $("jobs").tBodies[0].replaceChildren(...unique.map(render));
+    $("jobs-empty").hidden = unique.length > 0;
+    $("older").hidden = !cursor;
   } catch (error) {
     console.warn("listing jobs failed", error);
   } finally {
@@ -343,7 +359,14 @@ document.addEventListener("DOMContentLoaded", () => {
     selected = tr.dataset.id;
     refreshJob(selected);
   });
-  $("state-filter").addEventListener("change", reloadJobs);
+  $("state-filter").addEventListener("change", () => {
+    wanted = PAGE;
+    reloadJobs();
+  });
+  $("older").addEventListener("click", () => {
+    wanted += PAGE;
+    reloadJobs();
+  });
   $("submit-form").addEventListener("submit", submit);
   $("cancel").addEventListener("click", cancelSelected);
   $("change-token").addEventListener("click", () => askForToken("", false));
