@@ -1,5 +1,6 @@
 """Python clients for corefleet: over HTTP (``AsyncClient``, ``Client``) and straight into
-Redis for services that enqueue without HTTP (``AsyncProducer``, ``Producer``)."""
+Redis for services that enqueue without HTTP (``AsyncProducer``, ``Producer``); and, for
+a service that receives webhooks, ``verify_webhook``."""
 
 from clients.http import AsyncClient, Client
 from clients.producer import AsyncProducer, Producer
@@ -21,6 +22,7 @@ from service.errors import (
     WaitTimeout,
 )
 from service.jobs import Job, JobState
+from service.webhooks import verify_webhook
 
 __all__ = [
     "AsyncClient",
@@ -44,4 +46,5 @@ __all__ = [
     "TransportError",
     "UnknownTask",
     "WaitTimeout",
+    "verify_webhook",
 ]

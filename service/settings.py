@@ -178,8 +178,9 @@ class WebhookSettings:
     #: Hosts (``name``, or ``name:port`` for that port only) a job's webhook may call;
     #: with none, webhooks are off.
     hosts: tuple[str, ...] = ()
-    #: When set, every body is signed with it (``Corefleet-Signature``).
-    secret: str = field(default="", repr=False)
+    #: When set, every try is signed with each (``Corefleet-Signature``); more than one
+    #: while a secret is rotated.
+    secrets: tuple[str, ...] = field(default=(), repr=False)
     #: How long a receiver may take to answer, in seconds.
     timeout_s: float = 10.0
     #: The wait before a failed delivery is tried again; it doubles for each try after.
@@ -265,7 +266,7 @@ class Settings:
         )
         webhooks = WebhookSettings(
             hosts=tuple(host.lower() for host in _list(env, "COREFLEET_WEBHOOK_HOSTS")),
-            secret=env.get("COREFLEET_WEBHOOK_SECRET", ""),
+            secrets=_list(env, "COREFLEET_WEBHOOK_SECRET"),
             timeout_s=_float(env, "COREFLEET_WEBHOOK_TIMEOUT_S", 10.0, minimum=0.1),
             first_retry_s=_float(env, "COREFLEET_WEBHOOK_FIRST_RETRY_S", 1.0, minimum=0.1),
         )

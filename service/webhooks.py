@@ -15,8 +15,11 @@ Only the hosts in ``COREFLEET_WEBHOOK_HOSTS`` may be named, and with none webhoo
 whoever may submit must not make a gateway call any address its network reaches. The list
 is checked when a job is submitted; a gateway posts what was accepted (producers, which
 reach Redis itself, are trusted), and one with webhooks off posts nothing.
-With ``COREFLEET_WEBHOOK_SECRET`` every body is signed, ``Corefleet-Signature: sha256=``
-and the hex HMAC-SHA256 of the body under the secret.
+With ``COREFLEET_WEBHOOK_SECRET`` every try is signed: ``Corefleet-Signature:
+t=<Unix seconds>,sha256=<hex>``, the HMAC-SHA256 under the secret of the time, a dot and
+the body. The time lets a receiver refuse a try replayed later (``verify_webhook``). With
+several secrets (a rotation) each signs, one ``sha256=`` apiece, so that receivers can
+move to the new one at their own pace.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import hashlib
 import hmac
 import json
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,9 +90,43 @@ def check_webhook(url: Any, allowed_hosts: tuple[str, ...]) -> str:
     return url
 
 
-def signature(secret: str, body: bytes) -> str:
-    """The ``Corefleet-Signature`` of ``body``."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+#: How old a signed try ``verify_webhook`` accepts by default, in seconds (clocks differ).
+SIGNATURE_TOLERANCE_S = 300.0
+
+
+def _mac(secret: str, timestamp: int, body: bytes) -> str:
+    signed = str(timestamp).encode() + b"." + body
+    return hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+
+
+def signature(secrets: Sequence[str], body: bytes, timestamp: int) -> str:
+    """The ``Corefleet-Signature`` of ``body`` sent at ``timestamp`` (Unix seconds)."""
+    return ",".join([f"t={timestamp}", *(f"sha256={_mac(s, timestamp, body)}" for s in secrets)])
+
+
+def verify_webhook(
+    secret: str,
+    header: str,
+    body: bytes,
+    *,
+    tolerance_s: float = SIGNATURE_TOLERANCE_S,
+    now: float | None = None,
+) -> bool:
+    """For receivers: whether ``header`` (``Corefleet-Signature``) signs ``body`` with
+    ``secret``, at most ``tolerance_s`` seconds from ``now`` (this machine's clock).
+
+    A receiver should also drop a ``Corefleet-Delivery`` it has already handled: a try is
+    sent again when its answer was lost.
+    """
+    parts = [part.strip().partition("=") for part in header.split(",")]
+    stamps = [value for name, _, value in parts if name == "t"]
+    if len(stamps) != 1 or not stamps[0].isascii() or not stamps[0].isdigit():
+        return False
+    timestamp = int(stamps[0])
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        return False
+    expected = _mac(secret, timestamp, body)
+    return any(hmac.compare_digest(value, expected) for name, _, value in parts if name == "sha256")
 
 
 class WebhookSender:
@@ -233,8 +272,11 @@ class WebhookSender:
             "Corefleet-Job-Id": job.id,
             "Corefleet-Delivery": entry_id,
         }
-        if self.settings.secret:
-            headers["Corefleet-Signature"] = signature(self.settings.secret, body)
+        if self.settings.secrets:
+            # Signed at each try: its time is when it was sent.
+            headers["Corefleet-Signature"] = signature(
+                self.settings.secrets, body, int(time.time())
+            )
         assert self._session is not None
         try:
             # No redirects: they could lead anywhere, past the allowed hosts.

@@ -6,6 +6,8 @@ A real receiver (an aiohttp server on a free port) records every request it gets
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from clients import verify_webhook
 from service import keys
 from service.errors import InvalidBody
 from service.settings import Settings, WebhookSettings, webhook_addresses
@@ -23,6 +26,8 @@ from service.webhooks import check_webhook, signature
 from tests.conftest import Gateway, scrape_metrics, start_gateway, wait_state
 
 SECRET = "a-secret-the-receiver-shares"
+#: The secret being rotated out: signed with too, until receivers have the new one.
+OLD_SECRET = "the-secret-before-it"
 
 
 @dataclass
@@ -71,7 +76,9 @@ def _hooked(settings: Settings, receiver: Receiver, worker: bool = True) -> Sett
     """Settings that allow webhooks to the receiver, signed, retried quickly; without an
     embedded io worker unless ``worker``."""
     host = urlsplit(receiver.url).netloc
-    webhooks = WebhookSettings(hosts=(host,), secret=SECRET, timeout_s=1.0, first_retry_s=0.2)
+    webhooks = WebhookSettings(
+        hosts=(host,), secrets=(SECRET, OLD_SECRET), timeout_s=1.0, first_retry_s=0.2
+    )
     gateway = replace(settings.gateway, embedded_io_worker=worker)
     return replace(settings, webhooks=webhooks, gateway=gateway)
 
@@ -97,8 +104,30 @@ async def test_a_finished_job_is_posted_to_its_webhook_signed(
     assert record == (await hooked.call("GET", f"/v1/jobs/{job['id']}"))[1]
     assert delivery.headers["Content-Type"] == "application/json"
     assert delivery.headers["Corefleet-Job-Id"] == job["id"]
-    assert delivery.headers["Corefleet-Signature"] == signature(SECRET, delivery.body)
-    assert delivery.headers["Corefleet-Signature"] != signature("another secret", delivery.body)
+    # Signed with the time it was sent, by each secret of the rotation.
+    header = delivery.headers["Corefleet-Signature"]
+    sent = int(header.split(",")[0].removeprefix("t="))
+    assert header == signature((SECRET, OLD_SECRET), delivery.body, sent)
+    assert verify_webhook(SECRET, header, delivery.body)
+    assert verify_webhook(OLD_SECRET, header, delivery.body)
+    assert not verify_webhook("another secret", header, delivery.body)
+
+
+def test_verify_webhook_refuses_what_was_not_signed_so_or_then() -> None:
+    body = b'{"id": "x", "state": "succeeded"}'
+    header = signature((SECRET,), body, 1_800_000_000)
+    mac = hmac.new(SECRET.encode(), b"1800000000." + body, hashlib.sha256).hexdigest()
+    assert header == f"t=1800000000,sha256={mac}"
+    assert verify_webhook(SECRET, header, body, now=1_800_000_100)
+    assert not verify_webhook(SECRET, header, body, now=1_800_000_301)  # replayed later
+    assert not verify_webhook(SECRET, header, body, now=1_799_999_699)  # from the future
+    assert verify_webhook(SECRET, header, body, now=1_800_000_500, tolerance_s=600)
+    assert not verify_webhook(SECRET, header, body + b" ", now=1_800_000_000)  # tampered
+    # Another time with the same MAC: the time is signed too.
+    forged = header.replace("t=1800000000", "t=1800000200")
+    assert not verify_webhook(SECRET, forged, body, now=1_800_000_200)
+    for bad in ("", f"sha256={mac}", f"t=,sha256={mac}", f"t=1,t=1800000000,sha256={mac}"):
+        assert not verify_webhook(SECRET, bad, body, now=1_800_000_000)
 
 
 async def test_a_failed_delivery_is_tried_again_until_answered(
@@ -226,3 +255,10 @@ def test_hosts_allow_a_name_on_the_default_ports_or_a_name_and_port() -> None:
     for entry in ("hooks.example/path", "hooks.example?x", "hooks.example#y", "u@hooks.example"):
         with pytest.raises(ValueError, match="not a host"):
             webhook_addresses((entry,))
+
+
+def test_the_secret_setting_takes_a_rotation() -> None:
+    rotating = Settings.from_env({"COREFLEET_WEBHOOK_SECRET": " new-secret , old-secret "})
+    assert rotating.webhooks.secrets == ("new-secret", "old-secret")
+    assert Settings.from_env({}).webhooks.secrets == ()
+    assert "new-secret" not in repr(rotating)  # never in a log line
