@@ -1,8 +1,11 @@
-"""Turn every error into the JSON shape the API promises; never a traceback to a client."""
+"""Turn every error into the JSON shape the API promises; never a traceback to a client.
+And answer every request in bounded time, whatever Redis does."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +24,35 @@ from service.errors import (
 log = logging.getLogger("corefleet.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: How long a request may take beyond the wait it asked for (``?wait=``) before it is
+#: answered 503. A Redis that refuses connections is given up on by the client's own
+#: retries first (about 5 s); this bounds a Redis that takes the connection and never
+#: answers (a stopped process, a host cut off without a reset), which would otherwise hold
+#: the request for ever.
+STORE_DEADLINE_S = 6.0
+#: The longest wait the deadline makes room for; a longer ``wait`` is refused anyway.
+_MAX_WAIT_ROOM_S = 3600.0
+
+
+def _deadline_s(request: web.Request) -> float | None:
+    """How long ``request`` may take: None for event streams, which stay open by design."""
+    if request.path.endswith("/events"):
+        return None
+    try:
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        wait = 0.0  # the handler refuses it with a 400
+    if not math.isfinite(wait) or wait < 0:
+        wait = 0.0
+    return min(wait, _MAX_WAIT_ROOM_S) + STORE_DEADLINE_S
+
+
+def _store_unavailable() -> StoreUnavailable:
+    return StoreUnavailable(
+        "the job store (Redis) does not answer; try again shortly",
+        {"retry_after_s": StoreUnavailable.retry_after_s},
+    )
 
 
 def error_response(error: CorefleetError) -> web.Response:
@@ -41,18 +73,13 @@ async def _guarded(
     request: web.Request, handler: Handler, max_body_bytes: int
 ) -> web.StreamResponse:
     try:
-        return await handler(request)
+        return await _within_deadline(request, handler)
     except CorefleetError as exc:
         return error_response(exc)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Only after the client's own retries (a restart is ridden out): Redis is away.
         log.warning("%s %s: Redis does not answer (%s)", request.method, request.path, exc)
-        return error_response(
-            StoreUnavailable(
-                "the job store (Redis) does not answer; try again shortly",
-                {"retry_after_s": StoreUnavailable.retry_after_s},
-            )
-        )
+        return error_response(_store_unavailable())
     except web.HTTPRequestEntityTooLarge:
         limit = max_body_bytes
         return error_response(
@@ -78,3 +105,18 @@ async def _guarded(
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(CorefleetError("internal error; the gateway log has the details"))
+
+
+async def _within_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    limit = _deadline_s(request)
+    deadline = asyncio.timeout(limit)
+    try:
+        async with deadline:
+            return await handler(request)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        # A Redis call cut off here may have run all the same (a submit's job stored):
+        # the answer says to try again, and a resend with its Idempotency-Key is safe.
+        log.warning("%s %s: no answer from Redis within %g s", request.method, request.path, limit)
+        raise _store_unavailable() from None

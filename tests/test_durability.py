@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from dataclasses import replace
 
 import aiohttp
@@ -13,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import ids, keys
 from service.jobs import Job
+from service.middleware import STORE_DEADLINE_S
 from service.settings import Settings
 from service.store import Dispatch, JobStore, connect
 from service.worker_runtime import WorkerConfig, run_job_here
@@ -132,6 +135,47 @@ async def test_an_unreachable_store_gets_a_503_and_changes_nothing(settings: Set
         assert [key async for key in check.scan_iter(keys.job("*"))] == [keys.job(job["id"])]
         await check.aclose()
     finally:
+        await session.close()
+        await server.close()
+        own.stop()
+
+
+async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(settings: Settings) -> None:
+    """A Redis that takes connections and never answers (stopped here; a host cut off
+    without a reset looks the same) makes no request hang: each is answered 503 once the
+    wait it asked for and the store deadline have passed. Once Redis answers again, so
+    does the gateway."""
+    own = RedisServer()
+    own.start()
+    store_settings = replace(settings, redis_url=own.url, task_modules=())
+    server, session = await start_gateway(
+        replace(store_settings, gateway=replace(store_settings.gateway, embedded_io_worker=False))
+    )
+    gateway = Gateway(server, session)
+    assert own.proc is not None
+    try:
+        accepted = await gateway.submit("io.echo", 1)
+        os.kill(own.proc.pid, signal.SIGSTOP)
+        body = {"task": "io.echo", "args": [2]}
+        async with asyncio.timeout(3 * STORE_DEADLINE_S):  # each would hang without it
+            answers = await asyncio.gather(
+                gateway.call("POST", "/v1/jobs", json=body),
+                gateway.call("POST", "/v1/jobs?wait=1", json=body),
+                gateway.call("GET", f"/v1/jobs/{accepted['id']}"),
+                gateway.call("GET", "/v1/jobs"),
+                gateway.call("GET", "/readyz"),
+            )
+        *stored, (ready_status, ready) = answers
+        for status, reply in stored:
+            assert status == 503 and reply["error"]["code"] == "store_unavailable", reply
+        # Readiness says which check failed, within its own time.
+        assert ready_status == 503 and ready["checks"]["redis"] == "unreachable: TimeoutError"
+        os.kill(own.proc.pid, signal.SIGCONT)
+        status, job = await gateway.call("GET", f"/v1/jobs/{accepted['id']}")
+        assert status == 200 and job["state"] == "queued"
+        assert (await gateway.submit("io.echo", 3))["state"] == "queued"
+    finally:
+        os.kill(own.proc.pid, signal.SIGCONT)
         await session.close()
         await server.close()
         own.stop()
