@@ -144,6 +144,10 @@ class EngineSettings:
     #: tasks``). Off: corefleet records every job itself, and Ray's record costs about as
     #: much CPU per task as the task's whole round trip otherwise.
     ray_task_events: bool = False
+    #: Ray jobs handed to Ray at once; the rest wait on corefleet's streams, where their
+    #: priorities order them (Ray runs what it holds in its own order). 0: four per CPU
+    #: of the cluster, at least 8.
+    ray_in_flight: int = 0
     #: A Dask scheduler (``tcp://host:8786``); empty: a LocalCluster.
     dask_address: str = ""
     #: Worker processes of a local Dask cluster (0: one per core).
@@ -260,6 +264,7 @@ class Settings:
             ray_cpus=_int(env, "COREFLEET_RAY_CPUS", 0),
             ray_dashboard=_bool(env, "COREFLEET_RAY_DASHBOARD", False),
             ray_task_events=_bool(env, "COREFLEET_RAY_TASK_EVENTS", False),
+            ray_in_flight=_int(env, "COREFLEET_RAY_IN_FLIGHT", 0),
             dask_address=env.get("COREFLEET_DASK_ADDRESS", ""),
             dask_workers=_int(env, "COREFLEET_DASK_WORKERS", 0),
             gpu_fallback=env.get("COREFLEET_GPU_FALLBACK", ""),

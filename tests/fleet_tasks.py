@@ -111,6 +111,12 @@ def ray_gate(ctx: TaskContext) -> int:
     return ctx.attempt
 
 
+@task("test.ray_note", kind="heavy")
+def ray_note(label: str) -> None:
+    """Append ``label`` to ``test:ray-order``: the order Ray jobs ran in."""
+    _sync_redis().rpush("test:ray-order", label)
+
+
 @task("test.ray_boom", kind="heavy")
 def ray_boom(message: str) -> None:
     """Raise an OverflowError inside a Ray task."""

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from service.engines.cluster import ray_options
+from service.engines.cluster import DISPATCH_CONCURRENCY, ray_options
 from service.engines.ray_ import start_ray
-from service.engines.ray_dispatcher import ensure_dispatcher
+from service.engines.ray_dispatcher import MIN_IN_FLIGHT, ensure_dispatcher, in_flight_for
 from service.errors import InvalidBody
 from service.settings import EngineSettings, Settings
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
@@ -570,6 +570,51 @@ async def test_a_dask_job_retried_at_once_runs_again(heavy_gateway: Gateway) -> 
     job = await heavy_gateway.submit("test.dask_retry_now")
     done = await heavy_gateway.wait(job["id"], 60)
     assert done["state"] == "succeeded" and done["result"] == 2 and done["attempts"] == 2
+
+
+async def test_a_high_priority_ray_job_overtakes_low_ones_not_yet_started(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Ray runs the tasks it holds in its own order, so its dispatcher hands it only four
+    jobs per CPU (8 here); the rest wait on the streams, where a high job goes first."""
+    gates = [await heavy_gateway.submit("test.ray_gate") for _ in range(2)]
+    for gate in gates:  # both CPUs busy
+        assert await redis.blpop([f"test:started:{gate['id']}"], timeout=60)
+    lows = [
+        await heavy_gateway.submit("test.ray_note", f"low{i}", priority="low") for i in range(10)
+    ]
+    # Six lows are handed to Ray beside the gates, 8 jobs in all; four wait on the stream.
+    # (With no bound, all ten would be in Ray, and the high job would run after them.)
+    async with asyncio.timeout(60):
+        while await _heavy_queue(heavy_gateway) != (8, 4):  # noqa: ASYNC110  # no event for it
+            await asyncio.sleep(0.05)  # sleep-ok: the dispatcher takes them in its own time
+    high = await heavy_gateway.submit("test.ray_note", "high", priority="high")
+    for gate in gates:
+        await redis.rpush(f"test:release:{gate['id']}", 1)
+    for job in [*lows, high]:
+        assert (await heavy_gateway.wait(job["id"], 60))["state"] == "succeeded"
+    order = await redis.lrange("test:ray-order", 0, -1)
+    # Before all but the six lows Ray already held, and one launched with it that may end
+    # first on the other CPU; without the bound it would be last.
+    assert order.index("high") <= 7, order
+    assert sorted(order) == sorted(["high", *(f"low{i}" for i in range(10))])
+
+
+async def _heavy_queue(gateway: Gateway) -> tuple[int, int]:
+    """Ray jobs handed to Ray (running or held there) and low ones waiting on the stream."""
+    status, queues = await gateway.call("GET", "/v1/queues")
+    assert status == 200
+    heavy = queues["engines"]["ray"]["queues"]["heavy"]
+    return heavy["running"], heavy["waiting_by_priority"]["low"]
+
+
+def test_the_dispatcher_hands_ray_four_jobs_per_cpu_unless_told() -> None:
+    assert in_flight_for(2.0, 0) == 8
+    assert in_flight_for(0.0, 0) == MIN_IN_FLIGHT  # a cluster scaled to nothing grows back
+    assert in_flight_for(48.0, 0) == 192
+    assert in_flight_for(10_000.0, 0) == DISPATCH_CONCURRENCY
+    assert in_flight_for(2.0, 500) == 500  # COREFLEET_RAY_IN_FLIGHT
+    assert Settings.from_env({"COREFLEET_RAY_IN_FLIGHT": "64"}).engines.ray_in_flight == 64
 
 
 async def test_ray_and_dask_jobs_of_every_priority_run(heavy_gateway: Gateway) -> None:

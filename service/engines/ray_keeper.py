@@ -47,6 +47,7 @@ def keeper_spec(settings: Settings) -> dict[str, Any]:
         "ray_cpus": engines.ray_cpus,
         "ray_dashboard": engines.ray_dashboard,
         "ray_task_events": engines.ray_task_events,
+        "ray_in_flight": engines.ray_in_flight,
     }
 
 
@@ -61,6 +62,7 @@ def settings_of(spec: dict[str, Any]) -> Settings:
             ray_cpus=int(spec["ray_cpus"]),
             ray_dashboard=bool(spec["ray_dashboard"]),
             ray_task_events=bool(spec["ray_task_events"]),
+            ray_in_flight=int(spec["ray_in_flight"]),
         ),
     )
 
