@@ -39,7 +39,7 @@ from service.events import EventHub, Feed, Watch
 from service.jobs import Job, JobState
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import HttpMetrics, render
-from service.middleware import json_errors
+from service.middleware import Deadlines, json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
 from service.scheduler import Scheduler
@@ -65,15 +65,21 @@ MAX_BATCH = 1000
 
 def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
     http_metrics = HttpMetrics()
+    deadlines = Deadlines()
     app = web.Application(
         # Measured outermost, so that error answers count with the status they went out with.
         middlewares=[
             http_metrics.middleware(),
-            json_errors(settings.gateway.max_body_bytes),
+            json_errors(settings.gateway.max_body_bytes, deadlines),
             *_auth(settings),
         ],
         client_max_size=settings.gateway.max_body_bytes,
     )
+
+    async def stop_deadlines(_app: web.Application) -> None:
+        await deadlines.close()
+
+    app.on_cleanup.append(stop_deadlines)
     app[HTTP_METRICS] = http_metrics
     app[SETTINGS] = settings
     app[REGISTRY] = registry or Registry.load(settings.task_modules)
