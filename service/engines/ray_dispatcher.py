@@ -99,8 +99,10 @@ class RayDispatcherActor:
         starts a new loop; the old one stops reading and finishes the jobs it holds.
         """
         async with self._lock:  # gateways call concurrently
-            # Sized to the cluster each time: it may have grown or shrunk meanwhile.
-            await self._serve(settings, await _in_flight(settings))
+            in_flight = await _in_flight(settings)  # each time: the cluster may have grown
+            await self._serve(settings)
+            # No await since ``_serve`` returned: a loop it just started has not read yet.
+            self._hand_ray(in_flight)
             return self.info()
 
     def _hand_ray(self, in_flight: int) -> None:
@@ -110,7 +112,7 @@ class RayDispatcherActor:
             log.info("handing Ray up to %d jobs at once", in_flight)
             consumer.settings = replace(consumer.settings, concurrency=in_flight)
 
-    async def _serve(self, settings: Settings, in_flight: int) -> None:
+    async def _serve(self, settings: Settings) -> None:
         from service.engines.cluster import queues_of
         from service.worker_runtime import WorkerConfig
 
@@ -118,7 +120,6 @@ class RayDispatcherActor:
         config = WorkerConfig(settings.redis, settings.job_ttl_s, modules)
         lease_s = settings.io.lease_s
         if self.serving and (config, lease_s) == (self._engine.config, self._lease_s):
-            self._hand_ray(in_flight)
             return
         registry = _registry(modules)
         self._modules = modules
@@ -129,7 +130,6 @@ class RayDispatcherActor:
         ):
             self._dispatcher.registry = registry
             self._engine.use(config)
-            self._hand_ray(in_flight)
             return
         if self.serving:
             log.warning("Ray's streams or lease changed; dispatching with a new loop")
@@ -137,7 +137,6 @@ class RayDispatcherActor:
         self._retire()
         self._dispatcher, self._engine = dispatcher, dispatcher.engines["ray"]
         self._engine.use(config)
-        self._hand_ray(in_flight)  # before the loop's first read
         self._lease_s = lease_s
         self._stop = asyncio.Event()
         self._loop_task = asyncio.create_task(dispatcher.run(self._stop, grace_s=None))
