@@ -311,9 +311,10 @@ class JobStore:
 
     def _begin_args(self, job_id: str, worker: str, entry: str = "") -> list[Any]:
         lost = JobError("WorkerLost", "the worker running this job was lost on every attempt")
+        now = datetime.now(UTC)
         return [
             job_id,
-            now_iso(),
+            iso(now),
             worker,
             self.job_ttl_s,
             keys.EVENTS,
@@ -322,6 +323,7 @@ class JobStore:
             # drops, even if Redis ran it, and the script must not count that twice.
             ids.new_id(),
             entry,
+            int(now.timestamp() * 1000),  # a retrying job's backoff ends by this clock
         ]
 
     async def transition(

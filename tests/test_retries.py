@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from service.jobs import JobError
+from service import keys
+from service.jobs import JobError, JobState
 from service.store import Dispatch, JobStore
 from tasks import Retry, task
 from tasks.context import MAX_DELAY_S
@@ -250,3 +251,25 @@ async def test_a_stale_entry_of_a_running_job_starts_no_second_attempt(
     assert stale.job is None and stale.reason == "running"
     taken_over = await store.begin(job["id"], "worker-c", "1-1")
     assert taken_over.job is not None and taken_over.job.attempts == 2
+
+
+async def test_an_old_delivery_of_a_retrying_job_waits_for_its_backoff(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """The delivery of a failed attempt can come back after its retry was set aside (its
+    worker was lost before acknowledging it): it does not cut the backoff short. The job
+    runs again once it is due, and only then leaves the delayed set."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    first = await store.begin(job["id"], "worker-a", "1-1")
+    assert first.job is not None
+    assert await store.retry(first.job, JobError("Flaky", "try again"), delay_s=600)
+    early = await store.begin(job["id"], "worker-b", "1-1")
+    assert early.job is None and early.reason == "retrying"
+    assert await redis.zscore(keys.DELAYED, job["id"]) is not None
+    record = await store.get(job["id"])
+    assert record is not None and record.state == JobState.RETRYING
+    await redis.zadd(keys.DELAYED, {job["id"]: 1})  # its backoff has ended
+    due = await store.begin(job["id"], "worker-c", "1-1")
+    assert due.job is not None and due.job.attempts == 2
+    assert await redis.zscore(keys.DELAYED, job["id"]) is None

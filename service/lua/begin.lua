@@ -1,7 +1,7 @@
 -- Start one attempt of a job: count it and mark the job running, atomically.
 -- KEYS[1]  the job hash     KEYS[2]  the job counters ("event<TAB>engine<TAB>task" -> n)
--- KEYS[3]  the delayed set: a retrying job begun now (its old entry, redelivered after
---          its worker was lost) is not queued again when its backoff ends
+-- KEYS[3]  the delayed set: a retrying job is begun once its backoff has ended, and
+--          leaves the set then (it may come before the scheduler queues it)
 -- KEYS[4]  the webhook deliveries: a job that goes dead here and named a webhook adds one
 -- ARGV[1]  job id     ARGV[2]  now (ISO 8601)    ARGV[3]  worker id
 -- ARGV[4]  TTL in seconds once terminal          ARGV[5]  events channel
@@ -14,6 +14,9 @@
 --          lost and the entry was taken over); any other entry of it is stale (say, the
 --          one its failed attempt came by, taken over after a retry had queued the next)
 --          and must not start a second attempt beside the running one
+-- ARGV[9]  now (Unix ms): a retrying job whose backoff has not ended is not begun (the
+--          delivery of its failed attempt, back because its worker was lost before it
+--          acknowledged it); the scheduler queues it when it is due
 -- Returns {"missing"}, {"skip", state} for a job that must not run (finished, cancelled,
 -- or running from another entry), {"dead"} when a redelivered job is out of attempts, or
 -- {"run", field, value, ...} with the whole record after the update.
@@ -28,6 +31,12 @@ if current == 'running' and redis.call('HGET', KEYS[1], 'attempt_id') == ARGV[7]
 end
 if current ~= 'queued' and current ~= 'retrying' and current ~= 'running' then
   return {'skip', current}
+end
+if current == 'retrying' then
+  local due = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or 0)
+  if due > tonumber(ARGV[9]) then
+    return {'skip', current}
+  end
 end
 if current == 'running' and ARGV[8] ~= '' then
   local began = redis.call('HGET', KEYS[1], 'entry')
