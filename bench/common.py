@@ -96,10 +96,9 @@ class Proc:
     def cpu_seconds(self) -> float:
         """User + system CPU time this process has used so far (Linux /proc)."""
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return _stat(self.pid)[1]
         except (OSError, AssertionError):
             return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_text(self) -> str:
         try:
@@ -140,6 +139,55 @@ class Proc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _stat(pid: int) -> tuple[int, float]:
+    """A process's parent and the user + system CPU seconds it has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """Each process of the tree under ``root`` (itself included), running now: its command
+    line (as it names itself: Ray's workers say ``ray::...``) and CPU seconds so far."""
+    found: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found[int(entry.name)] = _stat(int(entry.name))
+            except OSError:  # it ended meanwhile
+                continue
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _cpu) in found.items():
+        children.setdefault(parent, []).append(pid)
+    tree: dict[int, tuple[str, float]] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            continue
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        tree[pid] = (command.strip(), found[pid][1])
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_by_role(
+    before: Mapping[int, tuple[str, float]],
+    after: Mapping[int, tuple[str, float]],
+    role: Callable[[str], str],
+) -> dict[str, float]:
+    """CPU seconds used between two ``tree_cpu`` readings, summed by ``role(command)``;
+    processes that started or ended in between are left out."""
+    used: dict[str, float] = {}
+    for pid, (command, cpu) in after.items():
+        if pid in before:
+            name = role(command)
+            used[name] = used.get(name, 0.0) + cpu - before[pid][1]
+    return used
 
 
 class RedisServer(Proc):

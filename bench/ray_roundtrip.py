@@ -15,6 +15,12 @@ The corefleet variants take turns in blocks of ``--block`` round trips, so a slo
 faster spell of the machine falls on both alike; the two bare variants run one after the
 other. Each system gets the same warm-up first (long enough for Ray to grow its worker
 pool); medians are compared.
+
+After the timed turns, ``--cpu-n`` more round trips of the target's two systems (one
+request through the gateway; bare Ray with its defaults) are run while every process of
+each system is watched: the CPU each group of processes spends per round trip (the
+gateway, Ray's dispatcher, Ray's workers, Ray's own daemons, Redis, this process). On a
+machine of few cores that CPU is what the round trip waits for.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import RedisServer, free_port, http_ok, machine_info, print_table
+from bench.common import (
+    RedisServer,
+    cpu_by_role,
+    free_port,
+    http_ok,
+    machine_info,
+    print_table,
+    tree_cpu,
+)
 from bench.ray_pi import GatewayClient, heavy_gateway
 
 NAME = "ray-roundtrip"
@@ -47,10 +61,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=200, help="warm-up round trips (200)")
     parser.add_argument("--block", type=int, default=25, help="round trips per turn (25)")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each local Ray (2)")
+    parser.add_argument(
+        "--cpu-n", type=int, default=1000, help="round trips per system watched for CPU (1000)"
+    )
 
 
 def _noop() -> int:
     return 1
+
+
+def _role(command: str) -> str:
+    """Which part of a system a process is, by its command line."""
+    if "RayDispatcherActor" in command:
+        return "Ray's dispatcher (actor)"
+    if command.startswith("ray::"):  # Ray's workers name themselves after what they run
+        return "Ray workers"
+    if "clients.cli gateway" in command:
+        return "gateway"
+    if "ray_keeper" in command:
+        return "Ray's keeper"
+    if "redis-server" in command:
+        return "Redis"
+    if "-m bench" in command:
+        return "this process (client / driver)"
+    return "Ray's daemons (raylet, GCS, agents)"
+
+
+def _cpu_per_call(roots: list[int], call: Callable[[], object], n: int) -> dict[str, float]:
+    """CPU milliseconds per call of ``call``, by role, over ``n`` calls: every process of
+    the trees under ``roots`` is counted."""
+
+    def reading() -> dict[int, tuple[str, float]]:
+        return {pid: got for root in roots for pid, got in tree_cpu(root).items()}
+
+    before = reading()
+    for _ in range(n):
+        call()
+    used = cpu_by_role(before, reading(), _role)
+    return {role: seconds * 1000 / n for role, seconds in sorted(used.items()) if seconds > 0}
 
 
 def _measure(
@@ -70,7 +118,7 @@ def _measure(
     return times
 
 
-def _corefleet(args: argparse.Namespace) -> dict[str, list[float]]:
+def _corefleet(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
     with RedisServer() as redis:
         port = free_port()
         with heavy_gateway(redis.url, port, args.ray_cpus) as gateway:
@@ -82,12 +130,14 @@ def _corefleet(args: argparse.Namespace) -> dict[str, list[float]]:
                     TWO_TRIPS: lambda: client.run("bench.heavy_noop"),
                     IO_TRIP: lambda: client.run_in_one_trip("bench.io_noop"),
                 }
-                return _measure(systems, args.n, args.warmup, args.block)
+                times = _measure(systems, args.n, args.warmup, args.block)
+                roots = [gateway.pid, redis.pid, os.getpid()]
+                return times, _cpu_per_call(roots, systems[ONE_TRIP], args.cpu_n)
             finally:
                 client.close()
 
 
-def _bare(args: argparse.Namespace) -> dict[str, list[float]]:
+def _bare(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, float]]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -108,7 +158,9 @@ def _bare(args: argparse.Namespace) -> dict[str, list[float]]:
         quiet_times = _measure(
             {BARE_NO_EVENTS: lambda: ray.get(quiet.remote())}, args.n, args.warmup, args.n
         )
-        return times | quiet_times
+        # This process is the driver, and the local Ray's processes are its children.
+        cpu = _cpu_per_call([os.getpid()], lambda: ray.get(noop.remote()), args.cpu_n)
+        return times | quiet_times, cpu
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -125,7 +177,9 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine_info()
-    times = _corefleet(args) | _bare(args)
+    times, cpu = _corefleet(args)
+    bare_times, bare_cpu = _bare(args)
+    times |= bare_times
     summary = {name: _summary(got) for name, got in times.items()}
     ratio = summary[ONE_TRIP]["median_ms"] / summary[BARE]["median_ms"]
     print_table(
@@ -146,8 +200,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"corefleet's own path without Ray (an io no-op through the same gateway) / bare Ray: "
         f"{plumbing:.2f}"
     )
+    print_table(
+        f"CPU per round trip (ms), {args.cpu_n} round trips each, by process",
+        ["system", "process", "cpu_ms"],
+        [
+            {"system": system, "process": role, "cpu_ms": ms}
+            for system, used in ((ONE_TRIP, cpu), (BARE, bare_cpu))
+            for role, ms in [*used.items(), ("all", sum(used.values()))]
+        ],
+    )
     return {
         "machine": info,
+        "cpu_ms_per_round_trip": {ONE_TRIP: cpu, BARE: bare_cpu},
         "args": vars(args),
         "systems": summary,
         "ratio": ratio,
