@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import time
 import urllib.parse
 from typing import Any
@@ -18,7 +19,8 @@ from service import errors
 from service.jobs import Job
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-# The gateway holds ?wait requests for at most this long by default; longer waits loop.
+# The longest ?wait a client asks for in one request; longer waits loop. A gateway whose
+# COREFLEET_MAX_WAIT_S is shorter says its maximum, and the client asks for that instead.
 _WAIT_STEP_S = 30.0
 
 
@@ -66,10 +68,21 @@ class _Wait:
     def __init__(self, job_id: str, timeout_s: float) -> None:
         self.job_id = job_id
         self.deadline = time.monotonic() + timeout_s
+        self.step_s = _WAIT_STEP_S
 
     def next_request(self) -> tuple[str, float]:
-        step = max(0.0, min(_WAIT_STEP_S, self.deadline - time.monotonic()))
+        step = max(0.0, min(self.step_s, self.deadline - time.monotonic()))
         return f"/v1/jobs/{urllib.parse.quote(self.job_id)}?wait={step:.3f}", step
+
+    def shorten(self, refused: errors.InvalidParameter) -> None:
+        """Ask for no more than the gateway's maximum from now on; re-raises ``refused``
+        when it was not about the wait, or the wait asked for was within the maximum."""
+        most = refused.detail.get("max")
+        if refused.detail.get("parameter") != "wait" or not isinstance(most, (int, float)):
+            raise refused
+        if not 0 < most < self.step_s:
+            raise refused
+        self.step_s = float(most)
 
     def done(self, job: Job) -> bool:
         """True once ``job`` is terminal; raises ``WaitTimeout`` past the deadline."""
@@ -145,7 +158,11 @@ class AsyncClient:
         waiting = _Wait(job_id, timeout_s)
         while True:
             path, step = waiting.next_request()
-            job = _job(await self._request("GET", path, timeout_s=step + self._timeout))
+            try:
+                job = _job(await self._request("GET", path, timeout_s=step + self._timeout))
+            except errors.InvalidParameter as refused:
+                waiting.shorten(refused)
+                continue
             if waiting.done(job):
                 return job
 
@@ -191,9 +208,15 @@ class Client:
                 else http.client.HTTPConnection
             )
             self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
+        sock = self._conn.sock
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            # An idle kept-alive socket has nothing to read unless the gateway closed it:
+            # start a new one rather than send a request into a closed one.
+            self.close()
+            return self._connection(timeout_s)
         self._conn.timeout = timeout_s
-        if self._conn.sock is not None:
-            self._conn.sock.settimeout(timeout_s)
+        if sock is not None:
+            sock.settimeout(timeout_s)
         return self._conn
 
     def _request(
@@ -209,7 +232,11 @@ class Client:
         if data is not None:
             headers["Content-Type"] = "application/json"
         prefix = self._parts.path.rstrip("/")
-        for attempt in (1, 2):  # once more on a kept-alive socket the server had closed
+        # Once more on a kept-alive socket that was closed under the request, if sending it
+        # twice does no harm: a POST may have been stored before the answer was lost, and
+        # only its Idempotency-Key makes a second one safe.
+        tries = 2 if method in ("GET", "DELETE") or "Idempotency-Key" in headers else 1
+        for attempt in range(1, tries + 1):
             conn = self._connection(timeout_s or self._timeout)
             try:
                 conn.request(method, prefix + path, body=data, headers=headers)
@@ -217,7 +244,7 @@ class Client:
                 return _decode(resp.status, resp.read())
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self.close()
-                if attempt == 2:
+                if attempt == tries:
                     raise errors.TransportError(f"{method} {path}: {exc}") from exc
             except OSError as exc:
                 self.close()
@@ -244,7 +271,11 @@ class Client:
         waiting = _Wait(job_id, timeout_s)
         while True:
             path, step = waiting.next_request()
-            job = _job(self._request("GET", path, timeout_s=step + self._timeout))
+            try:
+                job = _job(self._request("GET", path, timeout_s=step + self._timeout))
+            except errors.InvalidParameter as refused:
+                waiting.shorten(refused)
+                continue
             if waiting.done(job):
                 return job
 

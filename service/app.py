@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -44,7 +45,7 @@ from service.openapi import openapi_document
 from service.runner import JobRunner
 from service.scheduler import Scheduler
 from service.settings import Settings
-from service.store import JobQuery, JobStore, connect
+from service.store import JobQuery, JobStore, connect, runner_connection
 from service.submit import Submitter
 from service.webhooks import WebhookSender
 from tasks import Registry
@@ -147,7 +148,8 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     name = consumer_name()
-    runner = JobRunner(app[STORE], app[REGISTRY], worker_id=name)
+    runner_redis = runner_connection(settings)
+    runner = JobRunner(JobStore(runner_redis, settings.job_ttl_s), app[REGISTRY], worker_id=name)
     worker = io_worker(app[REDIS], runner, settings.io, name=name)
     app[IO_WORKER] = worker
     stop = asyncio.Event()
@@ -156,6 +158,7 @@ async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     stop.set()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    await runner_redis.aclose()
 
 
 async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -214,11 +217,30 @@ async def _stop_heavy(app: web.Application) -> None:
 # --- helpers -----------------------------------------------------------------------------
 
 
+class _NotJSON(ValueError):
+    """A number JSON has no place for, which Python's parser would take."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON allows the digits, no float holds them
+        raise _NotJSON(f"{text} is too large for a number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
 async def _json_body(request: web.Request) -> Any:
+    """The body as JSON; strictly: no NaN or infinite numbers, which Python would parse and
+    no client could read back in a record."""
     raw = await request.read()  # aiohttp enforces client_max_size here (413)
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidJSON("the body is not valid JSON: it nests too deep") from None
+    except ValueError as exc:  # a syntax error, bad UTF-8, a number past Python's limits
         raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
 
 
@@ -301,7 +323,7 @@ def _wait_seconds(request: web.Request) -> float:
     if not 0 <= value <= limit:
         raise InvalidParameter(
             f"wait must be a number of seconds from 0 to {limit:g}",
-            {"parameter": "wait", "value": raw},
+            {"parameter": "wait", "value": raw, "max": limit},
         )
     return value
 

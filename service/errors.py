@@ -110,6 +110,10 @@ class MethodNotAllowed(CorefleetError):
     status = 405
     code = "method_not_allowed"
 
+    def headers(self) -> dict[str, str]:
+        allowed = self.detail.get("allowed")
+        return {"Allow": ", ".join(allowed)} if allowed else {}
+
 
 class Conflict(CorefleetError):
     """The request conflicts with the job's current state."""
@@ -142,6 +146,7 @@ class EngineUnavailable(CorefleetError):
 
     status = 503
     code = "engine_unavailable"
+    retry_after_s = 5  # an unreachable address is tried again this often
 
 
 class StoreUnavailable(CorefleetError):

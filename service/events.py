@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -32,7 +33,7 @@ async def listen(
     connection was down are lost, so callers re-check whatever they were waiting for.
     """
     while True:
-        pubsub = redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = _Subscription(redis, on_connect)
         try:
             await pubsub.subscribe(channel)
             on_connect()
@@ -46,6 +47,27 @@ async def listen(
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+
+class _Subscription(PubSub):
+    """A pub/sub connection that also says when redis-py made it again on its own.
+
+    After a dropped connection (a Redis restart, a killed client) redis-py reconnects and
+    subscribes again inside the next read, without raising: the messages published in
+    between are lost all the same, so ``on_reconnect`` runs then too.
+    """
+
+    def __init__(self, redis: aioredis.Redis, on_reconnect: Callable[[], None]) -> None:
+        super().__init__(
+            redis.connection_pool,
+            ignore_subscribe_messages=True,
+            event_dispatcher=redis._event_dispatcher,  # as ``Redis.pubsub`` passes it
+        )
+        self._on_reconnect = on_reconnect
+
+    async def on_connect(self, connection: Any) -> None:
+        await super().on_connect(connection)
+        self._on_reconnect()
 
 
 #: What a live view is told of each change.

@@ -61,7 +61,7 @@ class JobRunner:
         job = begun.job
         spec = self.registry.get(job.task)
         if spec is None:
-            await self.store.fail(job_id, self._unknown(job.task))
+            await self.store.fail(job_id, self._unknown(job.task), attempt_id=job.attempt_id)
             return JobState.FAILED
         try:
             value = await self._call(spec, job)
@@ -72,13 +72,15 @@ class JobRunner:
         except Exception as exc:
             return await self._failed(job, error_of(exc), retry_delay(spec, job, exc))
         try:
-            result_json = json.dumps(value)
+            # NaN and infinity are not JSON: no client could read such a result back.
+            result_json = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             error = JobError("TypeError", f"the result is not JSON serialisable: {exc}")
             return await self._failed(job, error)
-        if await self.store.succeed(job_id, result_json):
+        if await self.store.succeed(job_id, result_json, job.attempt_id):
             return JobState.SUCCEEDED
-        return None  # cancelled while running: the late result is dropped
+        # Cancelled while running, or begun again elsewhere: the late result is dropped.
+        return None
 
     def _unknown(self, task: str) -> JobError:
         """Why this worker cannot run ``task``: a module it failed to import, if any."""
@@ -163,7 +165,7 @@ class JobRunner:
         else:
             state = JobState.DEAD
         log.info("job %s (%s) %s: %s: %s", job.id, job.task, state.value, error.type, error.message)
-        if await self.store.fail(job.id, error, state):
+        if await self.store.fail(job.id, error, state, job.attempt_id):
             return state
         return None
 

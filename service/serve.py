@@ -12,7 +12,7 @@ from service.app import create_app
 from service.engines.asyncio_ import consumer_name, io_worker
 from service.runner import JobRunner
 from service.settings import Settings
-from service.store import JobStore, connect
+from service.store import JobStore, connect, runner_connection
 from tasks import Registry
 
 
@@ -46,8 +46,9 @@ def run_gateway(settings: Settings) -> None:
 
 async def _io_worker(settings: Settings) -> None:
     redis = connect(settings.redis)
+    runner_redis = runner_connection(settings)
     name = consumer_name()
-    store = JobStore(redis, settings.job_ttl_s)
+    store = JobStore(runner_redis, settings.job_ttl_s)
     runner = JobRunner(store, Registry.load(settings.task_modules), worker_id=name)
     worker = io_worker(redis, runner, settings.io, name=name)
     stop = asyncio.Event()
@@ -64,6 +65,7 @@ async def _io_worker(settings: Settings) -> None:
         await worker.run(stop)
     finally:
         await redis.aclose()
+        await runner_redis.aclose()
 
 
 def run_io_worker(settings: Settings) -> None:

@@ -102,6 +102,13 @@ def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
     return client
 
 
+def runner_connection(settings: Settings) -> aioredis.Redis:
+    """The Redis client of an io worker's job runners: apart from the worker's reads, as a
+    runner waits for Redis however long it is away. A job that ran and could not store its
+    outcome would otherwise be run again once its lease ran out (or end ``dead``)."""
+    return connect(settings.redis, until_answered=True)
+
+
 @dataclass(frozen=True)
 class Dispatch:
     """Where a new job's queue entry goes: ``xadd`` its id to a stream (``xadd-job``: with
@@ -327,9 +334,14 @@ class JobStore:
         ]
 
     async def transition(
-        self, job_id: str, to: JobState, fields: dict[str, str] | None = None
+        self,
+        job_id: str,
+        to: JobState,
+        fields: dict[str, str] | None = None,
+        attempt_id: str = "",
     ) -> tuple[bool, JobState | None]:
-        """Move a job to ``to`` if its current state allows it.
+        """Move a job to ``to`` if its current state allows it; with ``attempt_id``, only
+        while that attempt is the job's current one.
 
         Returns whether it moved, and the state it was in (None when there is no job).
         """
@@ -341,19 +353,35 @@ class JobStore:
         moved, previous = await self.batch.script(
             "transition",
             [keys.job(job_id), keys.STATS, keys.DELAYED, keys.WEBHOOKS],
-            [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, *flat],
+            [job_id, to.value, allowed, ttl, keys.EVENTS, keys.CANCEL, attempt_id, *flat],
         )
         return bool(moved), JobState(previous) if previous else None
 
-    async def succeed(self, job_id: str, result_json: str) -> bool:
+    async def succeed(self, job_id: str, result_json: str, attempt_id: str = "") -> bool:
+        """End the job ``succeeded``; ``attempt_id``: the runner's attempt, refused when
+        it is no longer the job's current one."""
         moved, _ = await self.transition(
-            job_id, JobState.SUCCEEDED, {"result": result_json, "finished_at": now_iso()}
+            job_id,
+            JobState.SUCCEEDED,
+            {"result": result_json, "finished_at": now_iso()},
+            attempt_id,
         )
         return moved
 
-    async def fail(self, job_id: str, error: JobError, state: JobState = JobState.FAILED) -> bool:
+    async def fail(
+        self,
+        job_id: str,
+        error: JobError,
+        state: JobState = JobState.FAILED,
+        attempt_id: str = "",
+    ) -> bool:
+        """End the job ``state`` with ``error``; ``attempt_id`` as in ``succeed`` (none:
+        from outside the attempt, as a time limit or a lost Celery child)."""
         moved, _ = await self.transition(
-            job_id, state, {"error": json.dumps(error.to_json()), "finished_at": now_iso()}
+            job_id,
+            state,
+            {"error": json.dumps(error.to_json()), "finished_at": now_iso()},
+            attempt_id,
         )
         return moved
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 from service import ids, keys, presence
 from service.engines.base import Engine
 from service.errors import (
+    CorefleetError,
     EngineUnavailable,
     IdempotencyKeyReused,
     InvalidArguments,
@@ -26,7 +26,7 @@ from service.jobs import Job, iso
 from service.store import JobStore, Once
 from service.webhooks import check_webhook
 from tasks import DEFAULT_PRIORITY, PRIORITIES, QUEUE_NAME, Registry, bind_arguments
-from tasks.context import MAX_DELAY_S
+from tasks.context import MAX_DELAY_S, MAX_TIMEOUT_S
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
 
@@ -50,9 +50,11 @@ def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> d
         raise InvalidBody(f"unknown option(s): {', '.join(unknown)}", {"allowed": list(OPTIONS)})
     timeout = options.get("timeout_s")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout <= MAX_TIMEOUT_S  # NaN, and numbers no clock can add, fail this
     ):
-        raise InvalidBody("options.timeout_s must be a number above 0")
+        raise InvalidBody(f"options.timeout_s must be a number above 0, at most {MAX_TIMEOUT_S}")
     attempts = options.get("max_attempts")
     if attempts is not None and (
         isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100
@@ -75,8 +77,7 @@ def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> d
     if delay is not None and (
         isinstance(delay, bool)
         or not isinstance(delay, (int, float))
-        or not math.isfinite(delay)
-        or not 0 <= delay <= MAX_DELAY_S
+        or not 0 <= delay <= MAX_DELAY_S  # NaN fails this too
     ):
         raise InvalidBody(f"options.delay_s must be a number of seconds from 0 to {MAX_DELAY_S}")
     if "webhook" in options:
@@ -171,8 +172,16 @@ class Submitter:
         return await self.enqueue([job], idempotency_key) or job
 
     async def submit_many(self, bodies: list[Any]) -> list[Job]:
-        """Validate every job first, then store and queue them all in one script call."""
-        jobs = [self.prepare(body) for body in bodies]
+        """Validate every job first, then store and queue them all in one script call. A
+        job refused says which it was: ``jobs[i]`` in its message, ``index`` in its detail."""
+        jobs = []
+        for index, body in enumerate(bodies):
+            try:
+                jobs.append(self.prepare(body))
+            except CorefleetError as exc:
+                exc.message = f"jobs[{index}]: {exc.message}"
+                exc.detail = {**exc.detail, "index": index}
+                raise
         await self.enqueue(jobs)
         return jobs
 

@@ -9,6 +9,8 @@ from typing import Any
 
 #: The longest a job may be put off: ``Retry(delay_s=...)``, and ``delay_s`` on a submit.
 MAX_DELAY_S = 30 * 24 * 3600
+#: The longest time limit a job may ask for (``options.timeout_s``).
+MAX_TIMEOUT_S = 30 * 24 * 3600
 #: Longer progress messages are cut to this many characters.
 MAX_PROGRESS_MESSAGE = 200
 

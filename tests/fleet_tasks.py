@@ -49,6 +49,12 @@ async def unserialisable() -> object:
     return {1, 2, 3}
 
 
+@task("test.not_a_number", kind="io")
+async def not_a_number() -> float:
+    """Return what Python's json writes as NaN, which is not JSON."""
+    return float("nan")
+
+
 @task("test.typed", kind="io")
 async def typed(
     n: int,
@@ -249,6 +255,32 @@ def dask_retry_now(ctx: TaskContext) -> int:
 async def io_gate(ctx: TaskContext) -> None:
     """Hold its io worker's slot until the test pushes ``test:release:{job id}``."""
     await _redis().blpop([f"test:release:{ctx.job_id}"], timeout=120)
+
+
+class LocalGate:
+    """For an io worker in the test's own process: opened without Redis."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()  # set by the test to let the task end
+        self.cancelled = asyncio.Event()
+
+
+#: Per job id, for ``test.local_gate``.
+LOCAL_GATES: dict[str, LocalGate] = {}
+
+
+@task("test.local_gate", kind="io")
+async def local_gate(ctx: TaskContext) -> int:
+    """Hold until the test opens this job's ``LOCAL_GATES`` entry; the attempt number."""
+    gate = LOCAL_GATES.setdefault(ctx.job_id, LocalGate())
+    gate.started.set()
+    try:
+        await gate.release.wait()
+    except asyncio.CancelledError:
+        gate.cancelled.set()
+        raise
+    return ctx.attempt
 
 
 @task("test.note", kind="io")

@@ -78,10 +78,13 @@ async def test_a_per_job_timeout_overrides_the_task(gateway: Gateway) -> None:
     assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded"
 
 
-async def test_an_unserialisable_result_fails_clearly(gateway: Gateway) -> None:
-    """A result JSON cannot carry fails the job instead of storing something else."""
-    done = await gateway.wait((await gateway.submit("test.unserialisable"))["id"])
+@pytest.mark.parametrize("task", ["test.unserialisable", "test.not_a_number"])
+async def test_an_unserialisable_result_fails_clearly(gateway: Gateway, task: str) -> None:
+    """A result JSON cannot carry (a set; NaN) fails the job instead of storing something
+    else: a stored NaN would make every page of jobs holding it unreadable."""
+    done = await gateway.wait((await gateway.submit(task))["id"])
     assert done["state"] == "failed" and "JSON" in done["error"]["message"]
+    assert "result" not in done or done["result"] is None
 
 
 async def test_wait_returns_when_the_job_finishes(gateway: Gateway) -> None:

@@ -86,6 +86,36 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_body",
     ),
     (
+        # Numbers beyond a float: no clock can add them (and NaN passed a "> 0" check).
+        "huge timeout",
+        {"json": {"task": "io.sleep", "args": [1], "options": {"timeout_s": 10**400}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "huge resources",
+        {"json": {"task": "heavy.pi", "args": [100], "options": {"resources": {"memory": 1e300}}}},
+        400,
+        "invalid_body",
+    ),
+    ("NaN", {"data": b'{"task": "io.echo", "args": [NaN]}'}, 400, "invalid_json"),
+    (
+        "NaN timeout",
+        {"data": b'{"task": "io.sleep", "args": [1], "options": {"timeout_s": NaN}}'},
+        400,
+        "invalid_json",
+    ),
+    ("Infinity", {"data": b'{"task": "io.echo", "args": [-Infinity]}'}, 400, "invalid_json"),
+    ("1e400", {"data": b'{"task": "io.echo", "args": [1e400]}'}, 400, "invalid_json"),
+    # Past Python's 4,300-digit limit for int(), which raises ValueError, not a JSON error.
+    (
+        "5000 digits",
+        {"data": b'{"task": "io.echo", "args": [' + b"1" * 5000 + b"]}"},
+        400,
+        "invalid_json",
+    ),
+    ("nested too deep", {"data": b"[" * 100_000 + b"]" * 100_000}, 400, "invalid_json"),
+    (
         "bad queue",
         {"json": {"task": "io.sleep", "args": [1], "options": {"queue": "a b"}}},
         400,
@@ -142,6 +172,9 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
     body = {"jobs": [{"task": "io.echo", "args": [1]}, {"task": "io.sleep", "args": ["x"]}]}
     status, reply = await gateway.call("POST", "/v1/jobs/batch", json=body)
     assert status == 400 and reply["error"]["code"] == "invalid_arguments"
+    # It says which job was refused.
+    assert reply["error"]["detail"]["index"] == 1
+    assert reply["error"]["message"].startswith("jobs[1]: ")
     assert await _keys(redis) == before
 
 
@@ -178,6 +211,9 @@ async def test_cancel_of_bad_ids(gateway: Gateway, redis: aioredis.Redis) -> Non
 
 async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
     """A known route with the wrong method answers 405 with the allowed methods."""
-    got, body = await gateway.call("PUT", "/v1/jobs")
-    assert got == 405 and body["error"]["code"] == "method_not_allowed"
-    assert "POST" in body["error"]["detail"]["allowed"]
+    async with gateway.session.put(gateway.url + "/v1/jobs") as resp:
+        body = await resp.json()
+        assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
+        assert "POST" in body["error"]["detail"]["allowed"]
+        # HTTP requires the methods it does take in Allow.
+        assert "POST" in resp.headers["Allow"].split(", ")

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
 import clients
 from clients import AsyncClient, Client
-from service import errors
+from service import errors, ids
 from service.jobs import JobState
+from service.settings import Settings
+from tests.conftest import start_gateway
 from tests.procs import (
     ROOT,
     RedisServer,
@@ -116,3 +122,99 @@ def test_public_surface() -> None:
     public = {name for name in vars(clients) if not name.startswith("_")}
     assert set(clients.__all__) <= public
     assert {"AsyncClient", "Client", "CorefleetError", "JobState"} <= set(clients.__all__)
+
+
+async def test_a_wait_longer_than_the_gateways_maximum_is_asked_in_steps(
+    settings: Settings,
+) -> None:
+    """A gateway whose COREFLEET_MAX_WAIT_S is under the client's step (30 s) refuses the
+    step; the client asks for the maximum it names instead, and the wait goes on."""
+    short = replace(settings, gateway=replace(settings.gateway, max_wait_s=0.5))
+    server, session = await start_gateway(short)
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with AsyncClient(url) as client:
+            job = await client.submit("io.sleep", 1.2)  # outlasts two steps of 0.5 s
+            done = await client.wait(job.id, timeout_s=30)
+            assert done.state is JobState.SUCCEEDED
+            with pytest.raises(errors.InvalidParameter) as refused:
+                await client._request("GET", f"/v1/jobs/{job.id}?wait=1")
+            assert refused.value.detail["max"] == 0.5
+    finally:
+        await session.close()
+        await server.close()
+
+
+class _Hangup:
+    """A server that reads each request and closes the connection without answering: the
+    gateway gone between storing a job and answering."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    got = conn.recv(65536)
+                    if not got:
+                        break
+                    data += got
+                self.requests.append(data.split(b"\r\n", 1)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_the_sync_client_resends_only_what_is_safe_to_send_twice() -> None:
+    """A connection lost before the answer: a GET or DELETE is sent once more, a submit
+    only with an Idempotency-Key (without one it may have been stored: a second send
+    would make a second job)."""
+    server = _Hangup()
+    try:
+        with Client(server.url) as client:
+            with pytest.raises(errors.TransportError):
+                client.submit("io.echo", 1)
+            assert server.requests == [b"POST /v1/jobs HTTP/1.1"]
+            with pytest.raises(errors.TransportError):
+                client.submit("io.echo", 1, idempotency_key="k1")
+            with pytest.raises(errors.TransportError):
+                client.get("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+            assert (
+                server.requests[1:]
+                == [b"POST /v1/jobs HTTP/1.1"] * 2
+                + [b"GET /v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV HTTP/1.1"] * 2
+            )
+    finally:
+        server.close()
+
+
+def test_the_sync_client_reconnects_when_the_gateway_closed_its_idle_socket(
+    gateway_url: str,
+) -> None:
+    """A kept-alive socket the gateway closed while idle is not used for the next submit
+    (which, without a key, is not sent twice): a new connection carries it."""
+    with Client(gateway_url) as client:
+        client.tasks()
+        conn = client._conn
+        assert conn is not None and conn.sock is not None
+        # The gateway's end closing the socket looks, to the client, like its end reading
+        # EOF: shut the client's read side down to get there without waiting for a timeout.
+        conn.sock.shutdown(socket.SHUT_RD)
+        mark = ids.new_id()  # this test's job among the module's
+        job = client.submit("io.echo", mark)
+        assert client.wait(job.id, timeout_s=30).result == mark
+        assert client._conn is not conn
+        # Sent once: a request into the closed socket, then again, would have made two.
+        with urllib.request.urlopen(f"{gateway_url}/v1/jobs?task=io.echo&limit=100") as resp:
+            listed = json.loads(resp.read())["jobs"]
+        assert [j["id"] for j in listed if j["args"] == [mark]] == [job.id]

@@ -20,6 +20,7 @@ from service.settings import Settings
 from service.store import Dispatch, JobStore, connect
 from service.worker_runtime import WorkerConfig, run_job_here
 from tests.conftest import Gateway, start_gateway, wait_state
+from tests.fleet_tasks import LOCAL_GATES, LocalGate
 from tests.procs import Proc, RedisServer, env_with, free_port, gateway_process
 
 
@@ -212,3 +213,42 @@ async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
                 await asyncio.wait_for(running, 30)
         await request.aclose()
         own.stop()
+
+
+async def test_an_io_job_that_ends_while_redis_is_away_is_stored_once_it_is_back(
+    settings: Settings,
+) -> None:
+    """An io job whose task ends while Redis is away waits to store its outcome, for as
+    long as Redis is away: it is not run again once its lease runs out (nor ends dead, on
+    its only attempt)."""
+    own = RedisServer()
+    own.start()
+    request = connect(own.url)  # what the gateway's API uses: gives up after some retries
+    store = JobStore(request, 60)
+    server, session = await start_gateway(replace(settings, redis_url=own.url))
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with session.post(url + "/v1/jobs", json={"task": "test.local_gate"}) as resp:
+            assert resp.status == 202
+            job_id = (await resp.json())["id"]
+        gate = LOCAL_GATES.setdefault(job_id, LocalGate())
+        await asyncio.wait_for(gate.started.wait(), 30)
+        own.stop()
+        gate.release.set()
+        # Two requests give up one after the other meanwhile: the runner, whose task ended
+        # first, has been without Redis for longer than a request's retries, twice over.
+        for _ in range(2):
+            with pytest.raises(RedisConnectionError):
+                await store.get(job_id)
+        own.start()
+        async with session.get(f"{url}/v1/jobs/{job_id}?wait=30") as resp:
+            record = await resp.json()
+        assert (record["state"], record["result"], record["attempts"]) == ("succeeded", 1, 1)
+    finally:
+        if own.proc is None:
+            own.start()  # let the gateway's runners end
+        await session.close()
+        await server.close()
+        await request.aclose()
+        own.stop()
+        LOCAL_GATES.clear()

@@ -25,12 +25,13 @@ async def test_without_a_gpu_worker_jobs_wait_and_require_worker_is_refused(
     _status, queues = await gateway.call("GET", "/v1/queues")
     assert queues["engines"]["celery"]["queues"]["gpu"]["workers"] == 0
     before = set(await redis.keys("cf:job:*"))
-    status, body = await gateway.call(
-        "POST",
-        "/v1/jobs",
+    async with gateway.session.post(
+        gateway.url + "/v1/jobs",
         json={"task": "gpu.matmul", "args": [8], "options": {"require_worker": True}},
-    )
-    assert status == 503 and body["error"]["code"] == "engine_unavailable"
+    ) as resp:
+        body = await resp.json()
+        assert resp.status == 503 and body["error"]["code"] == "engine_unavailable"
+        assert resp.headers["Retry-After"] == "5"  # a worker may come: say when to ask again
     assert "gpu" in body["error"]["message"]
     assert set(await redis.keys("cf:job:*")) == before
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "queued"

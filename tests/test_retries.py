@@ -273,3 +273,24 @@ async def test_an_old_delivery_of_a_retrying_job_waits_for_its_backoff(
     due = await store.begin(job["id"], "worker-c", "1-1")
     assert due.job is not None and due.job.attempts == 2
     assert await redis.zscore(keys.DELAYED, job["id"]) is None
+
+
+async def test_only_the_current_attempt_ends_the_job(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A worker that stalled past its lease had its job taken over and begun again: its
+    late outcome, success or failure, is refused; the attempt running now ends the job."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    stalled = await store.begin(job["id"], "worker-a", "1-1")
+    assert stalled.job is not None
+    taken_over = await store.begin(job["id"], "worker-b", "1-1")
+    assert taken_over.job is not None and taken_over.job.attempts == 2
+    stale_id = stalled.job.attempt_id
+    assert not await store.fail(job["id"], JobError("Boom", "late"), attempt_id=stale_id)
+    assert not await store.succeed(job["id"], '"late"', stale_id)
+    record = await store.get(job["id"])
+    assert record is not None and record.state == JobState.RUNNING
+    assert await store.succeed(job["id"], '"now"', taken_over.job.attempt_id)
+    record = await store.get(job["id"])
+    assert record is not None and (record.state, record.result) == (JobState.SUCCEEDED, "now")

@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import keys, presence
 from service.batching import Batcher
 from service.events import listen
-from service.jobs import Job
+from service.jobs import Job, JobState
 from service.runner import JobRunner
 from service.settings import IoWorkerSettings
 from service.store import LUA_DIR, Dispatch
@@ -157,6 +157,7 @@ class StreamConsumer:
         self._parked: list[tuple[str, str, dict[str, str]]] = []
         self._slot_freed = asyncio.Event()
         self._draining = False
+        self._rechecks: set[asyncio.Task[None]] = set()
         self._batch = Batcher(
             redis, {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("ack", "take")}
         )
@@ -180,7 +181,9 @@ class StreamConsumer:
         for queue in self.settings.queues:
             await ensure_group(self.redis, queue)
         helpers = [
-            asyncio.create_task(listen(self.redis, keys.CANCEL, self._on_cancel)),
+            asyncio.create_task(
+                listen(self.redis, keys.CANCEL, self._on_cancel, self._on_cancels_subscribed)
+            ),
             asyncio.create_task(self._keep_leases()),
         ]
         reader = asyncio.create_task(self._read(stop))
@@ -338,6 +341,32 @@ class StreamConsumer:
         if held is not None:
             self._cancelled[job_id] = before
             held[0].cancel()
+
+    def _on_cancels_subscribed(self) -> None:
+        """A cancel published while the subscription was down never arrives: look at the
+        records of the jobs held instead."""
+        if self._held:
+            check = asyncio.create_task(self._recheck_cancels())
+            self._rechecks.add(check)  # held until done
+            check.add_done_callback(self._rechecks.discard)
+
+    async def _recheck_cancels(self) -> None:
+        held = list(self._held)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in held:
+            pipe.hmget(keys.job(job_id), ["state", "started_at"])
+        try:
+            records = await pipe.execute()
+        except (RedisError, OSError) as exc:  # down again: the next subscription rechecks
+            log.warning("cannot check the held jobs for cancels (%s)", exc)
+            return
+        for job_id, (state, started_at) in zip(held, records, strict=True):
+            entry = self._held.get(job_id)
+            if state == JobState.CANCELLED.value and entry and job_id not in self._cancelled:
+                # The state it was cancelled in, as far as the record tells: begun or not.
+                before = JobState.RUNNING if started_at else JobState.QUEUED
+                self._cancelled[job_id] = before.value
+                entry[0].cancel()
 
     async def _keep_leases(self) -> None:
         period = min(self.settings.lease_s / 3, presence.PERIOD_S)

@@ -58,6 +58,8 @@ REPROBE_S = 5.0
 #: The per-job option that overrides a task's declared resources.
 RESOURCES_OPTION = "resources"
 RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
+#: The most of any resource a job may ask for (memory in bytes, 8 EiB).
+MAX_RESOURCE = 2**63
 
 NOT_STARTED = "not started"
 LOCAL = "local"
@@ -79,7 +81,7 @@ class CouldNotRun(Exception):
 def _resource_error() -> InvalidBody:
     return InvalidBody(
         f"options.{RESOURCES_OPTION} must be an object with num_cpus, num_gpus and/or memory "
-        "(bytes), each a number of at least 0",
+        "(bytes), each a number from 0 to 2**63",
         {"allowed": list(RESOURCE_NAMES)},
     )
 
@@ -89,7 +91,11 @@ def check_resources(value: Any) -> dict[str, float]:
     if not isinstance(value, dict) or set(value) - set(RESOURCE_NAMES):
         raise _resource_error()
     for amount in value.values():
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, (int, float))
+            or not 0 <= amount <= MAX_RESOURCE  # NaN and infinity fail this too
+        ):
             raise _resource_error()
     return {name: float(amount) for name, amount in value.items()}
 

@@ -6,7 +6,10 @@
 -- ARGV[3]  allowed source states, comma separated
 -- ARGV[4]  TTL in seconds once terminal (0: keep)
 -- ARGV[5]  events channel    ARGV[6]  cancel channel
--- ARGV[7..] field, value pairs to write with the new state
+-- ARGV[7]  the attempt this outcome is of ("" for none): a runner's outcome is refused
+--          when another attempt has begun since (its worker stalled past the lease, and
+--          the job was taken over), so that only the running attempt ends the job
+-- ARGV[8..] field, value pairs to write with the new state
 -- Returns {1, previous state} when moved, {0, current state or ""} when refused. A job
 -- already in the target state with these very fields was moved by this same call, sent
 -- again (the client resends when a connection drops, even after Redis ran the script):
@@ -18,9 +21,9 @@ local current = redis.call('HGET', KEYS[1], 'state')
 if not current then
   return {0, ''}
 end
-if current == ARGV[2] and #ARGV > 6 then
+if current == ARGV[2] and #ARGV > 7 then
   local same = true
-  for i = 7, #ARGV, 2 do
+  for i = 8, #ARGV, 2 do
     if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then same = false end
   end
   if same then
@@ -34,8 +37,11 @@ end
 if not allowed then
   return {0, current}
 end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'attempt_id') ~= ARGV[7] then
+  return {0, current}
+end
 local fields = {'state', ARGV[2]}
-for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[1], unpack(fields))
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
