@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,11 +23,14 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from service import ids, keys
 from service.engines.cluster import DISPATCH_CONCURRENCY, ray_options
 from service.engines.ray_ import start_ray
 from service.engines.ray_dispatcher import MIN_IN_FLIGHT, ensure_dispatcher, in_flight_for
 from service.errors import InvalidBody
+from service.jobs import Job
 from service.settings import EngineSettings, Settings
+from service.store import Dispatch, JobStore
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
 from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
 from tests.procs import (
@@ -498,6 +502,41 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
     assert done["error"]["type"] == "TimeLimitExceeded"
     saw = await redis.blpop([f"test:saw_cancel:{job['id']}"], timeout=30)
     assert saw is not None and saw[1] == "True"
+
+
+async def test_a_taken_over_jobs_time_limit_starts_with_its_new_attempt(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A job taken over from a lost worker still says running (the lost attempt) as it is
+    launched again: its time limit starts when the new attempt begins, not then. Here the
+    new attempt waits for a free Dask worker for longer than the limit, and still runs."""
+    blockers = [await heavy_gateway.submit("test.dask_gate") for _ in range(2)]
+    for blocker in blockers:  # both Dask workers are taken
+        assert await redis.blpop([f"test:started:{blocker['id']}"], timeout=60) is not None
+    # The job as a lost worker left it: its first attempt running, its entry not acked.
+    store = JobStore(redis, 3600, group_commit=False)
+    job = Job(
+        id=ids.new_id(),
+        task="test.dask_gate",
+        kind="heavy",
+        engine="dask",
+        queue="dask",
+        max_attempts=3,
+        timeout_s=1.0,
+    )
+    await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
+    entry = f"{int(time.time() * 1000) + 1000}-0"  # after every entry there is
+    assert (await store.begin(job.id, "lost-worker", entry)).job is not None
+    await redis.xadd(keys.stream("dask"), {"id": job.id}, id=entry)
+    # Past the limit and its grace, waiting for a worker: not failed.
+    with pytest.raises(TimeoutError):
+        await wait_state(redis, job.id, "failed", within=3)
+    for blocker in blockers:
+        await redis.rpush(f"test:release:{blocker['id']}", "go")
+    assert await redis.blpop([f"test:started:{job.id}"], timeout=60) is not None
+    await redis.rpush(f"test:release:{job.id}", "go")
+    done = await heavy_gateway.wait(job.id, 30)
+    assert (done["state"], done["attempts"], done["result"]) == ("succeeded", 2, 2), done
 
 
 async def test_a_new_dispatcher_loop_leaves_running_ray_jobs_to_the_old_one(

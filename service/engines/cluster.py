@@ -173,6 +173,9 @@ class ClusterEngine:
         self._inflight: dict[str, Any] = {}
         #: Set when the runner marks an in-flight job running: its time limit starts then.
         self._started: dict[str, asyncio.Event] = {}
+        #: Per job in ``_started``: the attempt its record named as it was launched (a lost
+        #: worker's, on a redelivery), whose ``running`` is not this launch's start.
+        self._attempt_before: dict[str, str] = {}
         #: The events subscription that sees those starts: up only while a job with a time
         #: limit waits to start, as it carries every change of every job.
         self._starts: asyncio.Task[None] | None = None
@@ -244,6 +247,8 @@ class ClusterEngine:
         if limit is not None:
             # Registered before the launch, so that the start cannot slip past.
             self._started[job.id] = asyncio.Event()
+            before = await self.redis.hget(keys.job(job.id), "attempt_id")  # type: ignore[misc]
+            self._attempt_before[job.id] = before or ""
             self._watch_starts()
         handle = self._launch(job, spec)
         self._inflight[job.id] = handle
@@ -259,6 +264,7 @@ class ClusterEngine:
             raise
         finally:
             self._inflight.pop(job.id, None)
+            self._attempt_before.pop(job.id, None)
             if self._started.pop(job.id, None) is not None:
                 self._watch_starts()
 
@@ -329,15 +335,29 @@ class ClusterEngine:
     async def _recheck_started(self) -> None:
         try:
             for job_id in [j for j, started in self._started.items() if not started.is_set()]:
-                state = await self.redis.hget(keys.job(job_id), "state")  # type: ignore[misc]
+                record = keys.job(job_id)
+                state, attempt = await self.redis.hmget(record, ["state", "attempt_id"])  # type: ignore[misc]
                 # Queued, or retrying (back on its queue for its next attempt): not begun.
-                if state is not None and state not in _WAITING:
-                    self.mark_started(job_id)
+                # Running still from the attempt of a lost worker: not begun either.
+                if state is None or state in _WAITING:
+                    continue
+                if state == JobState.RUNNING.value and attempt == self._attempt_before.get(job_id):
+                    continue
+                self.mark_started(job_id)
         except (RedisError, OSError) as exc:  # the next (re)subscription checks again
             log.warning("could not re-check started jobs (%s)", exc)
 
     async def ensure_started(self) -> None:
-        """Start the local cluster or connect to the configured one, once."""
+        """Start the local cluster or connect to the configured one, once; again after the
+        connection was lost for good (until then, jobs wait on their streams)."""
+        if self.connected and not self._alive():
+            self.connected = False
+            with contextlib.suppress(Exception):  # closing what is already lost
+                await self._disconnect()
+            if self.address:  # refused until it answers again
+                self._mark_unreachable("lost the connection to it")
+            else:  # a local cluster that died: the next job starts another
+                self.state = NOT_STARTED
         if self.connected:
             return
         if self._lock is None:
@@ -397,6 +417,10 @@ class ClusterEngine:
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         raise NotImplementedError
+
+    def _alive(self) -> bool:
+        """Whether the connection made by ``_connect`` still serves."""
+        return True
 
 
 # --- the dispatcher ----------------------------------------------------------------------

@@ -30,6 +30,13 @@ from service.worker_runtime import WorkerConfig, run_job_here
 from tasks import TaskSpec
 
 DASK_DASHBOARD = "127.0.0.1:8787"
+#: The reason a ``distributed.Client`` gives the futures it cancels when its connection to
+#: the scheduler drops.
+SCHEDULER_LOST = "scheduler-connection-lost"
+
+
+class SchedulerLost(Exception):
+    """The connection to the scheduler dropped under a job; it is delivered again."""
 
 
 def run_in_dask(config: WorkerConfig, job_id: str, entry: str) -> str | None:
@@ -115,13 +122,24 @@ class DaskEngine(ClusterEngine):
 
     async def _wait(self, handle: Any) -> None:
         from distributed import KilledWorker
+        from distributed.client import FutureCancelledError
 
         try:
             await handle
         except (KilledWorker, asyncio.CancelledError):
             raise  # a lost worker: delivered again; a cancel: the caller's business
+        except FutureCancelledError as exc:
+            if exc.reason == SCHEDULER_LOST:
+                # The client cancels every future when its connection drops: the job is
+                # not the reason; it is delivered again once the scheduler is back.
+                raise SchedulerLost(f"the connection to Dask's scheduler dropped: {exc}") from exc
+            raise CouldNotRun(error_of(exc)) from exc
         except Exception as exc:
             raise CouldNotRun(error_of(exc)) from exc
+
+    def _alive(self) -> bool:
+        # The client gives up and closes after failing to reconnect for its timeout.
+        return self._client is not None and self._client.status not in ("closing", "closed")
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         # Frees a queued task; a running one finishes in its thread (see the module doc).
