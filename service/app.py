@@ -34,6 +34,7 @@ from service.errors import (
     InvalidParameter,
     JobFinished,
     JobNotFound,
+    MethodNotAllowed,
     StoreUnavailable,
 )
 from service.events import EventHub, Feed, Watch
@@ -246,6 +247,10 @@ async def _json_body(request: web.Request) -> Any:
 
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["id"]
+    if job_id == "batch":  # /v1/jobs/batch is a route of its own, for POST only
+        raise MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path}", {"allowed": ["POST"]}
+        )
     if not ids.is_valid(job_id):
         raise InvalidJobId(f"{job_id!r} is not a job id (26 characters of Crockford base32)")
     return job_id

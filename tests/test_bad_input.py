@@ -217,3 +217,8 @@ async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
         assert "POST" in body["error"]["detail"]["allowed"]
         # HTTP requires the methods it does take in Allow.
         assert "POST" in resp.headers["Allow"].split(", ")
+    # The batch route takes POST only; it is not a job id.
+    async with gateway.session.get(gateway.url + "/v1/jobs/batch") as resp:
+        body = await resp.json()
+        assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
+        assert resp.headers["Allow"] == "POST"
