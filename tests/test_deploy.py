@@ -328,7 +328,10 @@ def test_engine_nodes_run_installed_scripts(name: str) -> None:
     elif name == "dask-scheduler":
         assert command[0] == "scheduler" and "8786" in command
     else:
-        assert command == ["worker", "tcp://dask-scheduler:8786"]
+        assert command[:2] == ["worker", "tcp://dask-scheduler:8786"]
+        # A process per core, one thread each, as the README says of Dask workers.
+        assert command[command.index("--nthreads") + 1] == "1"
+        assert command[command.index("--nworkers") + 1] == "-1"
 
 
 # ---- environment ------------------------------------------------------------------------
@@ -379,6 +382,21 @@ def test_settings_pass_through_from_the_shell() -> None:
     gateway = Settings.from_env(config["services"]["gateway"]["environment"])
     assert worker.celery.concurrency == 3 and worker.job_ttl_s == 600
     assert gateway.gateway.max_wait_s == 5.0 and gateway.job_ttl_s == 600
+    # The back-pressure, idempotency, webhook, Ray and io-worker tuning reach theirs too.
+    config = resolved(
+        COREFLEET_MAX_QUEUE_LENGTH="100",
+        COREFLEET_IDEMPOTENCY_TTL_S="60",
+        COREFLEET_WEBHOOK_TIMEOUT_S="3",
+        COREFLEET_WEBHOOK_FIRST_RETRY_S="2",
+        COREFLEET_RAY_IN_FLIGHT="16",
+        COREFLEET_IO_QUEUES="io,bulk",
+    )
+    gateway = Settings.from_env(config["services"]["gateway"]["environment"])
+    io_worker = Settings.from_env(config["services"]["io-worker"]["environment"])
+    assert (gateway.max_queue_length, gateway.idempotency_ttl_s) == (100, 60)
+    assert (gateway.webhooks.timeout_s, gateway.webhooks.first_retry_s) == (3.0, 2.0)
+    assert gateway.engines.ray_in_flight == 16
+    assert io_worker.io.queues == ("io", "bulk")
 
 
 # ---- services -----------------------------------------------------------------------------
