@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service import ids, keys
 from service.batching import Batcher
-from service.errors import QueueFull
+from service.errors import InvalidBody, QueueFull
 from service.jobs import ALLOWED_FROM, Job, JobError, JobState, iso, now_iso
 from service.settings import DEFAULT_IDEMPOTENCY_TTL_S, Settings
 
@@ -253,6 +253,13 @@ class JobStore:
                     "length": int(reply[2]),
                     "retry_after_s": QueueFull.retry_after_s,
                 },
+            )
+        if reply[0] == "taken":
+            taken = jobs[int(reply[1]) - 1]
+            raise InvalidBody(
+                f"queue {taken.queue!r} cannot be used: Redis holds something else under its "
+                "name (another program's key?)",
+                {"queue": taken.queue},
             )
         if reply[0] != "replay":
             return None

@@ -44,6 +44,10 @@ OPTIONS = (
 )
 
 
+#: The keys Celery's Redis transport (kombu) keeps its own state in.
+KOMBU_KEYS = frozenset({"unacked", "unacked_index", "unacked_mutex"})
+
+
 def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -66,6 +70,9 @@ def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> d
     if queue is not None and queue.startswith(keys.PREFIX):
         # A Celery queue is a Redis list of that very name: it must not be one of ours.
         raise InvalidBody(f"options.queue must not start with {keys.PREFIX!r} (corefleet's own)")
+    if queue is not None and (queue in KOMBU_KEYS or queue.startswith("_kombu.")):
+        # Nor one of Celery's transport: a list there would stop its redeliveries.
+        raise InvalidBody(f"options.queue must not be {queue!r}: Celery's transport uses it")
     if options.get("priority", DEFAULT_PRIORITY) not in PRIORITIES:
         raise InvalidBody(
             f"options.priority must be one of {', '.join(PRIORITIES)}",

@@ -126,7 +126,12 @@ def verify_webhook(
     if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
         return False
     expected = _mac(secret, timestamp, body)
-    return any(hmac.compare_digest(value, expected) for name, _, value in parts if name == "sha256")
+    # compare_digest refuses str with non-ASCII characters (a forged header may hold them).
+    return any(
+        value.isascii() and hmac.compare_digest(value, expected)
+        for name, _, value in parts
+        if name == "sha256"
+    )
 
 
 class WebhookSender:

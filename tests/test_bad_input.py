@@ -129,6 +129,25 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_body",
     ),
     (
+        # Nor the keys Celery's transport keeps its state in: a list there stops it.
+        "queue on Celery's keys",
+        {"json": {"task": "cpu.count_primes", "args": [10], "options": {"queue": "unacked_mutex"}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "queue on Celery's bindings",
+        {
+            "json": {
+                "task": "cpu.count_primes",
+                "args": [10],
+                "options": {"queue": "_kombu.binding.x"},
+            }
+        },
+        400,
+        "invalid_body",
+    ),
+    (
         "oversized body",
         {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
         413,
@@ -222,3 +241,23 @@ async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
         body = await resp.json()
         assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
         assert resp.headers["Allow"] == "POST"
+
+
+async def test_a_queue_named_like_another_programs_key_is_refused(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A Celery queue is a Redis list of that name: where another program keeps a key of
+    another kind under it, the submit is refused before anything is written."""
+    await redis.set("bulk", "another program's value")
+    before = await _keys(redis)
+    # A high job goes onto the list of the queue's very name (kombu's first priority step).
+    body = {
+        "task": "cpu.count_primes",
+        "args": [10],
+        "options": {"queue": "bulk", "priority": "high"},
+    }
+    got, reply = await gateway.call("POST", "/v1/jobs", json=body)
+    assert (got, reply["error"]["code"]) == (400, "invalid_body")
+    assert "bulk" in reply["error"]["message"]
+    assert await _keys(redis) == before
+    assert await redis.get("bulk") == "another program's value"

@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import aiohttp
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
+from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import ids, keys
+from service.engines.celery_ import CELERY_TASK
+from service.engines.celery_worker import build_worker_app
 from service.jobs import Job
 from service.middleware import STORE_DEADLINE_S
 from service.settings import Settings
@@ -252,3 +257,39 @@ async def test_an_io_job_that_ends_while_redis_is_away_is_stored_once_it_is_back
         await request.aclose()
         own.stop()
         LOCAL_GATES.clear()
+
+
+def test_a_celery_child_puts_back_a_job_redis_refused_to_record() -> None:
+    """Redis answering with an error (here: out of memory) as a Celery child begins a job:
+    the message goes back to the queue (``Reject(requeue=True)``) instead of being
+    acknowledged with the job left queued and nothing to run it. Once Redis takes writes
+    again, the job runs."""
+    own = RedisServer()
+    own.start()
+    control = sync_redis.Redis.from_url(own.url, decode_responses=True)
+    try:
+        settings = Settings(redis_url=own.url)
+        app = build_worker_app(settings)
+        # Messages without corefleet's timelimit header (bare send_task) get the default.
+        assert app.conf.task_time_limit == settings.celery.default_time_limit_s
+        job = Job(id=ids.new_id(), task="io.echo", kind="cpu", engine="celery", queue="cpu")
+        job.args = ["x"]
+
+        async def create() -> None:
+            store = JobStore(connect(own.url), 60)
+            await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
+            await store.redis.aclose()
+
+        asyncio.run(create())
+        run = app.tasks[CELERY_TASK].run
+        with ThreadPoolExecutor(1) as child:  # one thread, as a child's one runner
+            control.config_set("maxmemory", 1)  # every write is refused: OOM
+            with pytest.raises(Reject):
+                child.submit(run, job.id).result(timeout=60)
+            assert control.hget(f"cf:job:{job.id}", "state") == "queued"
+            control.config_set("maxmemory", 0)
+            child.submit(run, job.id).result(timeout=60)
+        assert control.hget(f"cf:job:{job.id}", "state") == "succeeded"
+    finally:
+        control.close()
+        own.stop()

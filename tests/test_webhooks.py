@@ -128,6 +128,8 @@ def test_verify_webhook_refuses_what_was_not_signed_so_or_then() -> None:
     assert not verify_webhook(SECRET, forged, body, now=1_800_000_200)
     for bad in ("", f"sha256={mac}", f"t=,sha256={mac}", f"t=1,t=1800000000,sha256={mac}"):
         assert not verify_webhook(SECRET, bad, body, now=1_800_000_000)
+    # Headers decode as latin-1: a forged one with non-ASCII is refused, not an exception.
+    assert not verify_webhook(SECRET, "t=1800000000,sha256=\xe9" + mac[1:], body, now=1_800_000_000)
 
 
 async def test_a_failed_delivery_is_tried_again_until_answered(

@@ -137,6 +137,9 @@ def make_celery_app(settings: Settings) -> Celery:
             "priority_steps": list(PRIORITY_STEPS),
         },
         broker_connection_retry_on_startup=True,
+        # A message sent without corefleet's ``timelimit`` header (``send_task`` from a
+        # bare Celery producer) still ends within the visibility timeout.
+        task_time_limit=settings.celery.default_time_limit_s,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )

@@ -11,9 +11,11 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import redis
+from redis.exceptions import RedisError
 
 from service import presence
 from service.engines.celery_ import CELERY_TASK, make_celery_app
@@ -25,6 +27,9 @@ from service.worker_runtime import WorkerConfig, run_job_here
 
 log = logging.getLogger("corefleet.worker")
 
+#: How long a child waits before it puts back a job Redis refused to record.
+REQUEUE_PAUSE_S = 1.0
+
 
 def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     """The Celery app with corefleet's task registered, as a worker runs it.
@@ -34,7 +39,7 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     """
     from billiard.process import current_process
     from celery import Task
-    from celery.exceptions import TimeLimitExceeded
+    from celery.exceptions import Reject, TimeLimitExceeded
     from celery.signals import worker_process_init
 
     app = make_celery_app(settings)
@@ -54,15 +59,25 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
         ) -> None:
             # Runs in the worker's main process after it replaced the child; a lost child
             # (WorkerLostError) is not recorded: the message is requeued and runs again.
-            if isinstance(exc, TimeLimitExceeded):
+            job_id = args[0] if args else (kwargs or {}).get("job_id")
+            if isinstance(exc, TimeLimitExceeded) and isinstance(job_id, str):
                 error = JobError(
                     "TimeLimitExceeded", f"the job ran past its {exc.args[0]} s time limit"
                 )
-                asyncio.run(_record_failure(settings, str(args[0]), error))
+                asyncio.run(_record_failure(settings, job_id, error))
 
     @app.task(name=CELERY_TASK, base=JobTask, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_job(job_id: str) -> None:
-        run_job_here(config, job_id, "celery")
+        try:
+            run_job_here(config, job_id, "celery")
+        except RedisError as exc:
+            # Redis answered with an error (out of memory, a failed save, a read-only
+            # replica): the runner could not record the job. Acknowledging the message
+            # would leave the job queued or running with nothing to run it: put it back,
+            # after a pause, rather than retry at once against a Redis that refuses writes.
+            log.warning("job %s: Redis refused a write (%s); requeued", job_id, exc)
+            time.sleep(REQUEUE_PAUSE_S)  # back off from a Redis that refuses writes
+            raise Reject(str(exc), requeue=True) from exc
 
     return app
 

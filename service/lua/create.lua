@@ -25,7 +25,9 @@
 -- the script), and writing it twice would reset a job already begun and queue it twice.
 -- Returns {"created"}, or {"replay", fingerprint, field, value, ...} with the record of
 -- the job the Idempotency-Key already stands for, when that job still exists, or {"full",
--- n, length}: the n-th job's queue holds length jobs, the limit. Then nothing is written.
+-- n, length}: the n-th job's queue holds length jobs, the limit, or {"taken", n}: the
+-- n-th job's queue key holds another kind of value (another program's key of that name).
+-- Then nothing is written.
 local launch_fields = {task = true, kind = true, engine = true, queue = true,
                        options = true, timeout_s = true}
 -- Index entries of jobs whose record has expired are dropped as they are met: listing
@@ -46,6 +48,20 @@ if once then
       table.insert(record, 1, 'replay')
       return record
     end
+  end
+end
+-- What each op writes to: checked before anything is written, so that no command below
+-- fails on a key of another kind half-way through.
+local kinds = {xadd = 'stream', ['xadd-job'] = 'stream', lpush = 'list', delay = 'zset'}
+do
+  local a = 4
+  for k = 3, 2 + 2 * jobs, 2 do
+    local op, m = ARGV[a], tonumber(ARGV[a + 2])
+    local kind = redis.call('TYPE', KEYS[k + 1])['ok']
+    if kind ~= 'none' and kind ~= kinds[op] then
+      return {'taken', tostring((k - 1) / 2)}
+    end
+    a = a + 4 + m + 2 * tonumber(ARGV[a + 3 + m])
   end
 end
 local limit = tonumber(ARGV[3])
