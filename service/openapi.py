@@ -19,18 +19,40 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _header(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "schema": schema}
+
+
+_RETRY_AFTER = _header("Seconds to wait before trying again", {"type": "integer"})
+#: The headers an error answer carries besides its JSON body, by status.
+_ERROR_HEADERS = {
+    401: {"WWW-Authenticate": _header("The scheme to use: Bearer", {"type": "string"})},
+    405: {"Allow": _header("The methods the path takes", {"type": "string"})},
+    429: {"Retry-After": _RETRY_AFTER},
+    503: {"Retry-After": _RETRY_AFTER},
+}
+
+
 def _errors(*statuses: int) -> dict[str, Any]:
     words = {
         400: "Bad request",
         401: "No valid API token (where the deployment has tokens)",
         403: "A read token asked to change something",
         404: "Not found",
+        405: "The path does not take this method",
         409: "Conflict",
         413: "Body too large",
         429: "The job's queue is full (back-pressure); try again after Retry-After",
-        503: "An engine or the job store (Redis) is unavailable",
+        500: "An error of the gateway's own (its log has the details)",
+        503: "An engine or the job store (Redis) is unavailable; try again after Retry-After",
     }
-    return {str(s): _json(_ref("Error"), words[s]) for s in statuses}
+    responses = {}
+    for status in statuses:
+        response = _json(_ref("Error"), words[status])
+        if status in _ERROR_HEADERS:
+            response["headers"] = _ERROR_HEADERS[status]
+        responses[str(status)] = response
+    return responses
 
 
 _JOB_ID = {
@@ -146,11 +168,25 @@ _ERROR = {
 _OBJECT = {"type": "object"}
 
 
+def _submitted(response: dict[str, Any]) -> dict[str, Any]:
+    """A submit's answer, with where the job is and whether this was a resend."""
+    response["headers"] = {
+        "Location": _header("The job's URL", {"type": "string"}),
+        "Idempotent-Replayed": _header(
+            "true when an Idempotency-Key resend was answered with its job", {"type": "string"}
+        ),
+    }
+    return response
+
+
 def openapi_document() -> dict[str, Any]:
     document = _document()
-    # Where the deployment has tokens, every path but the open ones answers 401 without
-    # one, and a read token gets 403 for anything but reading.
     for path, operations in document["paths"].items():
+        for operation in operations.values():
+            # Any path answers another method with a 405, and anything may meet a 500.
+            operation["responses"].update(_errors(405, 500))
+        # Where the deployment has tokens, every path but the open ones answers 401 without
+        # one, and a read token gets 403 for anything but reading.
         if path in OPEN_PATHS or path.startswith("/dashboard/"):
             continue
         for method, operation in operations.items():
@@ -240,8 +276,8 @@ def _document() -> dict[str, Any]:
                     ],
                     "requestBody": body,
                     "responses": {
-                        "200": _json(_ref("Job"), "Finished within ?wait"),
-                        "202": _json(_ref("Job"), "Stored and queued"),
+                        "200": _submitted(_json(_ref("Job"), "Finished within ?wait")),
+                        "202": _submitted(_json(_ref("Job"), "Stored and queued")),
                         **_errors(400, 404, 409, 413, 429, 503),
                     },
                 },

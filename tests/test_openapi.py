@@ -40,3 +40,20 @@ async def test_the_gateway_serves_it(gateway: Gateway) -> None:
     """GET /openapi.json returns the same document."""
     status, body = await gateway.call("GET", "/openapi.json")
     assert status == 200 and body == openapi_document()
+
+
+def test_error_answers_document_their_status_and_headers() -> None:
+    """Every operation lists 405 (with Allow) and 500; 429 and 503 carry Retry-After; a
+    submit's answers carry Location."""
+    doc = openapi_document()
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"405", "500"} <= set(responses), (method, path)
+            assert "Allow" in responses["405"]["headers"]
+            for status in ("429", "503"):
+                schema = responses.get(status, {}).get("content", {}).get("application/json")
+                if schema and schema["schema"] == {"$ref": "#/components/schemas/Error"}:
+                    assert "Retry-After" in responses[status]["headers"], (method, path)
+    submit = doc["paths"]["/v1/jobs"]["post"]["responses"]
+    assert "Location" in submit["202"]["headers"] and "Location" in submit["200"]["headers"]
