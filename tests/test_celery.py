@@ -10,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from clients import AsyncProducer, InvalidArguments
+from service import presence
+from service.engines.celery_ import celery_lists
 from service.settings import Settings
 from tests.conftest import (
     CeleryWorker,
@@ -178,3 +180,23 @@ async def test_queues_show_celery_workers(gateway: Gateway, redis: aioredis.Redi
     status, body = await gateway.call("GET", "/v1/queues")
     assert status == 200
     assert body["engines"]["celery"]["queues"]["cpu"]["workers"] >= 1
+
+
+async def test_queues_show_every_queue_a_live_worker_consumes(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A worker started with --queues bulk checks in with its queues: GET /v1/queues shows
+    bulk, its waiting jobs and its worker; once the worker is gone and bulk is empty, not."""
+    name = "corefleet-bulk-test@here"
+    info = {"kind": "celery", "queues": ["bulk"], "concurrency": 1}
+    await presence.check_in(redis, name, ("bulk",), info)
+    job = await gateway.submit("cpu.count_primes", 10, queue="bulk")
+    _status, queues = await gateway.call("GET", "/v1/queues")
+    bulk = queues["engines"]["celery"]["queues"]["bulk"]
+    assert (bulk["waiting"], bulk["workers"]) == (1, 1)
+    await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    await redis.delete(*celery_lists("bulk"))  # the cancelled job's message, as if consumed
+    await presence.leave(redis, name, ("bulk",))
+    _status, queues = await gateway.call("GET", "/v1/queues")
+    assert "bulk" not in queues["engines"]["celery"]["queues"]
+    assert {"cpu", "gpu"} <= set(queues["engines"]["celery"]["queues"])

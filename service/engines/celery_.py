@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from service import presence
+from service import keys, presence
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import Settings
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 #: The one Celery task every corefleet cpu/gpu job travels as.
 CELERY_TASK = "corefleet.run"
+#: The queues every deployment has: cpu jobs' and gpu jobs'.
+DEFAULT_QUEUES = frozenset({"cpu", "gpu"})
 #: Margin kept between the longest time limit and the broker's visibility timeout.
 VISIBILITY_MARGIN_S = 60
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -186,9 +188,23 @@ class CeleryEngine:
         """The live workers of ``queue``, with their devices."""
         return await presence.live(self.redis, queue)
 
+    async def _consumed_queues(self) -> set[str]:
+        """The queues Celery workers said they consume when they checked in."""
+        found: set[str] = set()
+        for raw in await self.redis.hvals(keys.WORKER_INFO):  # type: ignore[misc]  # redis-py
+            try:
+                info = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(info, dict) and info.get("kind") == "celery":
+                found |= {str(queue) for queue in info.get("queues", ())}
+        return found
+
     async def status(self) -> dict[str, Any]:
+        """cpu and gpu, and every queue a live worker consumes (``--queues``): the waiting
+        jobs of each by priority, and its workers."""
         queues: dict[str, Any] = {}
-        for queue in ("cpu", "gpu"):
+        for queue in sorted(DEFAULT_QUEUES | await self._consumed_queues()):
             pipe = self.redis.pipeline(transaction=False)
             for key in celery_lists(queue):
                 pipe.llen(key)
@@ -197,6 +213,8 @@ class CeleryEngine:
             # Messages of the step no corefleet level uses (Celery's lowest) count as low.
             by_priority["low"] += lengths[PRIORITY_STEPS[-1]]
             workers = await self.workers(queue)
+            if queue not in DEFAULT_QUEUES and not workers and not any(lengths.values()):
+                continue  # the info of a worker that is gone
             queues[queue] = {
                 "waiting": sum(lengths.values()),
                 "waiting_by_priority": by_priority,
