@@ -59,6 +59,12 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         # A heavy job starts the gateway's local Ray and Ray's dispatcher actor inside it.
         done = _call(url + "/v1/jobs?wait=60", {"task": "heavy.pi", "args": [100_000, 2, 1]})
         assert done["state"] == "succeeded" and abs(done["result"]["pi"] - 3.14) < 0.05
+        # A local Ray never grows: a job asking for what it has none of fails at once,
+        # rather than waiting in Ray for good.
+        gpu_pi = {"task": "heavy.pi", "args": [1000], "options": {"resources": {"num_gpus": 1}}}
+        done = _call(url + "/v1/jobs?wait=60", gpu_pi)
+        assert done["state"] == "failed" and done["error"]["type"] == "Infeasible", done
+        assert "has num_gpus 0" in done["error"]["message"]
         tree = process_tree(proc.pid)
         # Ray's processes, the detached dispatcher among them, are up's to stop as well.
         assert any("RayDispatcherActor" in _cmdline(pid) for pid in tree)

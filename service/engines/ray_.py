@@ -42,7 +42,7 @@ from service.engines.cluster import (
 )
 from service.engines.ray_keeper import keeper_spec
 from service.errors import EngineUnavailable
-from service.jobs import Job
+from service.jobs import Job, JobError
 from service.runner import error_of
 from service.settings import EngineSettings, Settings
 from service.worker_runtime import WorkerConfig, run_job_here
@@ -51,6 +51,8 @@ from tasks import TaskSpec
 log = logging.getLogger("corefleet.ray")
 
 RAY_DASHBOARD_PORT = 8265
+#: Ray's name of each resource a job may ask for.
+RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 #: How long a local Ray keeps an idle worker process beyond one per CPU.
 IDLE_WORKER_KEEP_MS = 60_000
 #: Ray task flavours (task and resources) a dispatcher keeps ready; ``.options()`` costs
@@ -136,6 +138,9 @@ class RayEngine(ClusterEngine):
         super().__init__(redis, settings, "" if in_cluster else settings.engines.ray_address)
         #: True inside the dispatcher actor, where Ray is this process's own.
         self.in_cluster = in_cluster
+        #: What a local cluster has of each Ray resource (CPU, GPU, memory), which does not
+        #: grow; None for a cluster at an address (it may add nodes).
+        self.capacity: dict[str, float] | None = None
         self._remote: Any = None
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._keeper: asyncio.subprocess.Process | None = None
@@ -246,6 +251,7 @@ class RayEngine(ClusterEngine):
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
+        self._check_feasible(options)
         flavour = (job.task, tuple(sorted(options.items())))
         remote = self._flavours.get(flavour)
         if remote is None:
@@ -261,6 +267,29 @@ class RayEngine(ClusterEngine):
                 **options,
             )
         return remote.remote(job.id, job.entry)
+
+    def _check_feasible(self, options: dict[str, Any]) -> None:
+        """Fail a job no node of a local cluster could ever start: Ray would hold it for
+        good (it waits for a node that fits, which only an autoscaling cluster adds)."""
+        if self.capacity is None:
+            return
+        short = {
+            name: amount
+            for name, amount in options.items()
+            if amount > self.capacity.get(RAY_RESOURCES[name], 0)
+        }
+        if short:
+            asked = ", ".join(f"{name} {amount:g}" for name, amount in short.items())
+            has = ", ".join(
+                f"{name} {self.capacity.get(RAY_RESOURCES[name], 0):g}" for name in short
+            )
+            raise CouldNotRun(
+                JobError(
+                    "Infeasible",
+                    f"the job asks for {asked}; the local Ray cluster has {has}, so it could "
+                    "never start",
+                )
+            )
 
     async def _wait(self, handle: Any) -> None:
         from ray.exceptions import RayTaskError

@@ -99,10 +99,13 @@ class RayDispatcherActor:
         starts a new loop; the old one stops reading and finishes the jobs it holds.
         """
         async with self._lock:  # gateways call concurrently
-            in_flight = await _in_flight(settings)  # each time: the cluster may have grown
+            # Each time: the cluster may have grown.
+            resources = await asyncio.to_thread(_cluster_resources)
             await self._serve(settings)
             # No await since ``_serve`` returned: a loop it just started has not read yet.
-            self._hand_ray(in_flight)
+            self._hand_ray(in_flight_for(resources.get("CPU", 0), settings.engines.ray_in_flight))
+            # A local cluster (no address) never grows: a job no node of it fits fails.
+            self._engine.capacity = None if settings.engines.ray_address else resources
             return self.info()
 
     def _hand_ray(self, in_flight: int) -> None:
@@ -178,12 +181,12 @@ class RayDispatcherActor:
         return dispatcher
 
 
-async def _in_flight(settings: Settings) -> int:
-    """How many jobs to keep handed to the Ray cluster this process is connected to."""
+def _cluster_resources() -> dict[str, float]:
+    """What the Ray cluster this process is connected to has of each resource (blocking)."""
     import ray
 
-    resources = await asyncio.to_thread(ray.cluster_resources)
-    return in_flight_for(float(resources.get("CPU", 0)), settings.engines.ray_in_flight)
+    resources = ray.cluster_resources()  # type: ignore[no-untyped-call]  # untyped in ray
+    return {name: float(amount) for name, amount in resources.items()}
 
 
 def _registry(modules: tuple[str, ...]) -> Any:
