@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
+import selectors
+import socket
 import time
 import urllib.parse
 from typing import Any
@@ -93,6 +94,15 @@ class _Wait:
                 f"job {self.job_id} is still {job.state.value}", {"state": job.state.value}
             )
         return False
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """Whether an idle kept-alive socket was closed by the gateway: it has something to
+    read (the end of the stream) though no request is out. A selector, not ``select()``,
+    which refuses descriptors past 1023."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(0))
 
 
 class AsyncClient:
@@ -209,7 +219,7 @@ class Client:
             )
             self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
         sock = self._conn.sock
-        if sock is not None and select.select([sock], [], [], 0)[0]:
+        if sock is not None and _closed_by_peer(sock):
             # An idle kept-alive socket has nothing to read unless the gateway closed it:
             # start a new one rather than send a request into a closed one.
             self.close()

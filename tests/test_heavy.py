@@ -507,28 +507,28 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
 async def test_a_taken_over_jobs_time_limit_starts_with_its_new_attempt(
     heavy_gateway: Gateway, redis: aioredis.Redis
 ) -> None:
-    """A job taken over from a lost worker still says running (the lost attempt) as it is
-    launched again: its time limit starts when the new attempt begins, not then. Here the
-    new attempt waits for a free Dask worker for longer than the limit, and still runs."""
-    blockers = [await heavy_gateway.submit("test.dask_gate") for _ in range(2)]
-    for blocker in blockers:  # both Dask workers are taken
+    """A Ray job taken over from a lost dispatcher still says running (the lost attempt)
+    as it is launched again: its time limit starts when the new attempt begins, not then.
+    Here the new attempt waits for a free Ray CPU for longer than the limit, and still runs."""
+    blockers = [await heavy_gateway.submit("test.ray_gate") for _ in range(2)]
+    for blocker in blockers:  # both Ray CPUs are taken
         assert await redis.blpop([f"test:started:{blocker['id']}"], timeout=60) is not None
-    # The job as a lost worker left it: its first attempt running, its entry not acked.
+    # The job as a lost dispatcher left it: its first attempt running, its entry not acked.
     store = JobStore(redis, 3600, group_commit=False)
     job = Job(
         id=ids.new_id(),
-        task="test.dask_gate",
+        task="test.ray_gate",
         kind="heavy",
-        engine="dask",
-        queue="dask",
+        engine="ray",
+        queue="heavy",
         max_attempts=3,
         timeout_s=1.0,
     )
     await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
     entry = f"{int(time.time() * 1000) + 1000}-0"  # after every entry there is
     assert (await store.begin(job.id, "lost-worker", entry)).job is not None
-    await redis.xadd(keys.stream("dask"), {"id": job.id}, id=entry)
-    # Past the limit and its grace, waiting for a worker: not failed.
+    await redis.xadd(keys.stream("heavy"), {"id": job.id}, id=entry)
+    # Past the limit and its grace, waiting for a CPU: not failed.
     with pytest.raises(TimeoutError):
         await wait_state(redis, job.id, "failed", within=3)
     for blocker in blockers:

@@ -11,6 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree, wait_until
 
 
@@ -65,6 +67,14 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         done = _call(url + "/v1/jobs?wait=60", gpu_pi)
         assert done["state"] == "failed" and done["error"]["type"] == "Infeasible", done
         assert "has num_gpus 0" in done["error"]["message"]
+        # heavy.pi has a time limit: Ray's dispatcher followed job events while it waited
+        # to start, and lets go of them although it never started (only the gateway's own
+        # subscription is left).
+        events = redis.Redis(port=redis_port)
+        try:
+            wait_until(lambda: _subscribers(events, "cf:events") == 1, 30, "events let go")
+        finally:
+            events.close()
         tree = process_tree(proc.pid)
         # Ray's processes, the detached dispatcher among them, are up's to stop as well.
         assert any("RayDispatcherActor" in _cmdline(pid) for pid in tree)
@@ -77,6 +87,10 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
             for pid in process_tree(proc.pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def _subscribers(client: redis.Redis, channel: str) -> int:
+    return int(dict(client.pubsub_numsub(channel))[channel.encode()])
 
 
 def _cmdline(pid: int) -> str:

@@ -244,22 +244,22 @@ class ClusterEngine:
         """
         await self.ensure_started()
         limit = job.timeout_s or (spec.timeout_s if spec is not None else None)
-        if limit is not None:
-            # Registered before the launch, so that the start cannot slip past.
-            self._started[job.id] = asyncio.Event()
-            before = await self.redis.hget(keys.job(job.id), "attempt_id")  # type: ignore[misc]
-            self._attempt_before[job.id] = before or ""
-            self._watch_starts()
-        handle = self._launch(job, spec)
-        self._inflight[job.id] = handle
+        handle: Any = None
         try:
+            if limit is not None:
+                # Registered before the launch, so that the start cannot slip past.
+                self._started[job.id] = asyncio.Event()
+                self._attempt_before[job.id] = await self._attempt_at_launch(job.id)
+                self._watch_starts()
+            handle = self._launch(job, spec)
+            self._inflight[job.id] = handle
             if limit is None:
                 await self._wait(handle)
             else:
                 await self._wait_within(job, handle, limit)
         except asyncio.CancelledError:
             before = cancelled_from(job.id)
-            if before is not None:
+            if before is not None and handle is not None:
                 self._interrupt(handle, running=before == JobState.RUNNING.value)
             raise
         finally:
@@ -267,6 +267,16 @@ class ClusterEngine:
             self._attempt_before.pop(job.id, None)
             if self._started.pop(job.id, None) is not None:
                 self._watch_starts()
+
+    async def _attempt_at_launch(self, job_id: str) -> str:
+        """The attempt the job's record names as it is launched: a lost worker's, if the job
+        was taken over. Where a launch always begins a new attempt (``fresh_launch``), that
+        one running is not this launch's start; elsewhere (Dask may hand back the task that
+        still runs) it is, and "" says so."""
+        if not self.fresh_launch:
+            return ""
+        attempt = await self.redis.hget(keys.job(job_id), "attempt_id")  # type: ignore[misc]
+        return str(attempt or "")
 
     async def _wait_within(self, job: Job, handle: Any, limit: float) -> None:
         # The clock starts when the runner marks the job running, not while the task
@@ -421,6 +431,10 @@ class ClusterEngine:
     def _alive(self) -> bool:
         """Whether the connection made by ``_connect`` still serves."""
         return True
+
+    #: Whether every launch runs a new task, which begins a new attempt (Ray: the tasks of a
+    #: lost dispatcher die with it). Dask hands back the task of a key it still runs.
+    fresh_launch = False
 
 
 # --- the dispatcher ----------------------------------------------------------------------
