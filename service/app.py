@@ -46,7 +46,7 @@ from service.openapi import openapi_document
 from service.runner import JobRunner
 from service.scheduler import Scheduler
 from service.settings import Settings
-from service.store import JobQuery, JobStore, connect, runner_connection
+from service.store import JobQuery, JobStore, connect
 from service.submit import Submitter
 from service.webhooks import WebhookSender
 from tasks import Registry
@@ -149,7 +149,9 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _io_worker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     name = consumer_name()
-    runner_redis = runner_connection(settings)
+    # The runners' own client waits for Redis however long it is away: a job that ran
+    # and could not store its outcome would otherwise run again once its lease ended.
+    runner_redis = connect(settings.redis, until_answered=True)
     runner = JobRunner(JobStore(runner_redis, settings.job_ttl_s), app[REGISTRY], worker_id=name)
     worker = io_worker(app[REDIS], runner, settings.io, name=name)
     app[IO_WORKER] = worker

@@ -12,7 +12,7 @@ from service.app import create_app
 from service.engines.asyncio_ import consumer_name, io_worker
 from service.runner import JobRunner
 from service.settings import Settings
-from service.store import JobStore, connect, runner_connection
+from service.store import JobStore, connect
 from tasks import Registry
 
 
@@ -46,7 +46,9 @@ def run_gateway(settings: Settings) -> None:
 
 async def _io_worker(settings: Settings) -> None:
     redis = connect(settings.redis)
-    runner_redis = runner_connection(settings)
+    # The runners' own client waits for Redis however long it is away: a job that ran
+    # and could not store its outcome would otherwise run again once its lease ended.
+    runner_redis = connect(settings.redis, until_answered=True)
     name = consumer_name()
     store = JobStore(runner_redis, settings.job_ttl_s)
     runner = JobRunner(store, Registry.load(settings.task_modules), worker_id=name)

@@ -102,13 +102,6 @@ def connect(url: str, *, until_answered: bool = False) -> aioredis.Redis:
     return client
 
 
-def runner_connection(settings: Settings) -> aioredis.Redis:
-    """The Redis client of an io worker's job runners: apart from the worker's reads, as a
-    runner waits for Redis however long it is away. A job that ran and could not store its
-    outcome would otherwise be run again once its lease ran out (or end ``dead``)."""
-    return connect(settings.redis, until_answered=True)
-
-
 @dataclass(frozen=True)
 class Dispatch:
     """Where a new job's queue entry goes: ``xadd`` its id to a stream (``xadd-job``: with

@@ -129,6 +129,7 @@ class RayEngine(ClusterEngine):
     """Heavy jobs as Ray tasks, with the resources their task (or the job) asks for."""
 
     name = "ray"
+    fresh_launch = True  # a lost owner's tasks die with it: every launch runs anew
     default_port = 10001  # Ray Client's; a GCS address (host:6379) names its port
 
     def __init__(
@@ -138,7 +139,6 @@ class RayEngine(ClusterEngine):
         super().__init__(redis, settings, "" if in_cluster else settings.engines.ray_address)
         #: True inside the dispatcher actor, where Ray is this process's own.
         self.in_cluster = in_cluster
-        self.fresh_launch = True  # a lost owner's tasks die with it: a launch is anew
         #: What a local cluster has of each Ray resource (CPU, GPU, memory), which does not
         #: grow; None for a cluster at an address (it may add nodes).
         self.capacity: dict[str, float] | None = None
