@@ -112,7 +112,11 @@ def _client_command(args: argparse.Namespace) -> int:
 
     # The token comes from the environment only: a command-line argument shows in `ps`.
     token = os.environ.get("COREFLEET_TOKEN") or None
-    with Client(args.url or DEFAULT_URL, token=token) as client:
+    try:
+        client = Client(args.url or DEFAULT_URL, token=token)
+    except ValueError as exc:  # a malformed --url or COREFLEET_URL: a usage error
+        raise SettingsError(str(exc)) from exc
+    with client:
         if args.command == "tasks":
             for spec in client.tasks():
                 params = ", ".join(p["name"] for p in spec["parameters"])

@@ -6,10 +6,13 @@ the ``service.errors`` class the gateway raised, so callers catch one error tree
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
+import math
 import selectors
 import socket
+import threading
 import time
 import urllib.parse
 from typing import Any
@@ -23,6 +26,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # The longest ?wait a client asks for in one request; longer waits loop. A gateway whose
 # COREFLEET_MAX_WAIT_S is shorter says its maximum, and the client asks for that instead.
 _WAIT_STEP_S = 30.0
+# Between polls of a gateway that allows no waiting at all (COREFLEET_MAX_WAIT_S=0).
+_POLL_S = 0.5
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -73,6 +78,8 @@ class _Wait:
 
     def next_request(self) -> tuple[str, float]:
         step = max(0.0, min(self.step_s, self.deadline - time.monotonic()))
+        # Rounded down: rounded up, a wait at the gateway's maximum would be over it.
+        step = math.floor(step * 1000) / 1000
         return f"/v1/jobs/{urllib.parse.quote(self.job_id)}?wait={step:.3f}", step
 
     def shorten(self, refused: errors.InvalidParameter) -> None:
@@ -81,9 +88,9 @@ class _Wait:
         most = refused.detail.get("max")
         if refused.detail.get("parameter") != "wait" or not isinstance(most, (int, float)):
             raise refused
-        if not 0 < most < self.step_s:
+        if not 0 <= most < self.step_s:
             raise refused
-        self.step_s = float(most)
+        self.step_s = math.floor(most * 1000) / 1000
 
     def done(self, job: Job) -> bool:
         """True once ``job`` is terminal; raises ``WaitTimeout`` past the deadline."""
@@ -94,6 +101,27 @@ class _Wait:
                 f"job {self.job_id} is still {job.state.value}", {"state": job.state.value}
             )
         return False
+
+    def pause_s(self) -> float:
+        """How long to wait before the next request: nothing while the gateway holds each
+        request until the job changes; a poll interval where it allows no wait at all."""
+        if self.step_s > 0:
+            return 0.0
+        return max(0.0, min(_POLL_S, self.deadline - time.monotonic()))
+
+
+#: How a request is cut off with its socket (the gateway closed a kept-alive socket, or
+#: stopped mid-answer): a request that may be sent twice is sent again on a new socket.
+_CUT_OFF = (
+    http.client.RemoteDisconnected,
+    http.client.IncompleteRead,
+    BrokenPipeError,
+    ConnectionResetError,
+)
+
+
+def _transport_error(method: str, path: str, exc: Exception) -> errors.TransportError:
+    return errors.TransportError(f"{method} {path}: {type(exc).__name__}: {exc}")
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -175,6 +203,7 @@ class AsyncClient:
                 continue
             if waiting.done(job):
                 return job
+            await asyncio.sleep(waiting.pause_s())
 
     async def cancel(self, job_id: str) -> Job:
         return _job(await self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
@@ -184,7 +213,10 @@ class AsyncClient:
 
 
 class Client:
-    """The blocking twin of ``AsyncClient`` (standard library only, one kept-alive socket)."""
+    """The blocking twin of ``AsyncClient`` (standard library only, one kept-alive socket).
+
+    Threads may share one: their requests take turns on the socket.
+    """
 
     def __init__(
         self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0, token: str | None = None
@@ -198,6 +230,9 @@ class Client:
         self._timeout = timeout_s
         self._auth = _bearer(token)
         self._conn: http.client.HTTPConnection | None = None
+        # One request at a time on the one socket: http.client sends a second request
+        # before the first is answered otherwise, or hands one thread another's answer.
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Client:
         return self
@@ -246,19 +281,23 @@ class Client:
         # twice does no harm: a POST may have been stored before the answer was lost, and
         # only its Idempotency-Key makes a second one safe.
         tries = 2 if method in ("GET", "DELETE") or "Idempotency-Key" in headers else 1
-        for attempt in range(1, tries + 1):
-            conn = self._connection(timeout_s or self._timeout)
-            try:
-                conn.request(method, prefix + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                return _decode(resp.status, resp.read())
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                self.close()
-                if attempt == tries:
-                    raise errors.TransportError(f"{method} {path}: {exc}") from exc
-            except OSError as exc:
-                self.close()
-                raise errors.TransportError(f"{method} {path}: {exc}") from exc
+        with self._lock:
+            for attempt in range(1, tries + 1):
+                conn = self._connection(timeout_s or self._timeout)
+                try:
+                    conn.request(method, prefix + path, body=data, headers=headers)
+                    resp = conn.getresponse()
+                    raw = resp.read()
+                except _CUT_OFF as exc:
+                    self.close()
+                    if attempt == tries:
+                        raise _transport_error(method, path, exc) from exc
+                    continue
+                except (OSError, http.client.HTTPException) as exc:
+                    # Not an HTTP answer at all (a garbled status line, say): no resend.
+                    self.close()
+                    raise _transport_error(method, path, exc) from exc
+                return _decode(resp.status, raw)
         raise AssertionError("unreachable")
 
     def submit(
@@ -288,6 +327,7 @@ class Client:
                 continue
             if waiting.done(job):
                 return job
+            time.sleep(waiting.pause_s())
 
     def cancel(self, job_id: str) -> Job:
         return _job(self._request("DELETE", f"/v1/jobs/{urllib.parse.quote(job_id)}"))

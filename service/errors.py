@@ -168,6 +168,10 @@ class QueueFull(CorefleetError):
 class ClientError(CorefleetError):
     """Raised on the client side only."""
 
+    # Its own code: a gateway's 500 (``internal_error``) must come back as a plain
+    # ``CorefleetError``, not as a client-side failure.
+    code = "client_error"
+
 
 class TransportError(ClientError):
     """The gateway could not be reached or answered something that is not corefleet JSON."""
@@ -191,6 +195,7 @@ def _subclasses(cls: type[CorefleetError]) -> list[type[CorefleetError]]:
 
 #: Every error class by its ``code``; the client turns gateway errors back into these.
 BY_CODE: dict[str, type[CorefleetError]] = {cls.code: cls for cls in _subclasses(CorefleetError)}
+assert len(BY_CODE) == len(_subclasses(CorefleetError)), "two error classes share a code"
 
 _BY_STATUS = {
     400: BadRequest,

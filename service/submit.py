@@ -227,4 +227,13 @@ def _fingerprint(task: str, args: Any, kwargs: Any, options: Any) -> str:
     sent. A default the task declares (its priority, say) is left out: a resend after a
     deploy changed it is still the same request."""
     request = [task, args, kwargs, options]
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    try:
+        # Strict, as the HTTP body parser is: a producer hands Python values, and a NaN
+        # stored would make the record (and every listing of it) unreadable JSON.
+        text = json.dumps(request, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArguments(
+            f"{task}: args, kwargs and options must be JSON values (finite numbers): {exc}",
+            {"task": task},
+        ) from None
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -261,3 +261,24 @@ async def test_a_queue_named_like_another_programs_key_is_refused(
     assert "bulk" in reply["error"]["message"]
     assert await _keys(redis) == before
     assert await redis.get("bulk") == "another program's value"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[float("nan")], [float("inf")], [{"x": -float("inf")}], [{1, 2}], [object()]],
+    ids=["nan", "infinity", "nested -infinity", "a set", "an object"],
+)
+async def test_a_producer_refuses_what_the_gateway_would_and_stores_nothing(
+    redis_server: Any, redis: aioredis.Redis, args: list[Any]
+) -> None:
+    """A producer hands Python values straight to the submit path, past the HTTP body's
+    strict parser: a non-finite number or a value JSON has no form for is refused there
+    too (a stored NaN would make the record, and every listing of it, unreadable)."""
+    from clients.producer import AsyncProducer
+    from service import errors
+
+    before = await _keys(redis)
+    async with AsyncProducer(redis_server.url) as producer:
+        with pytest.raises(errors.InvalidArguments, match="JSON values"):
+            await producer.submit("io.echo", *args)
+    assert await _keys(redis) == before

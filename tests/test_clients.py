@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -115,6 +116,40 @@ def test_cli_reports_errors_and_exits_non_zero(gateway_url: str) -> None:
     held = json.loads(_cli(gateway_url, "submit", "io.sleep", "30").stdout)
     cancelled = _cli(gateway_url, "cancel", held["id"])
     assert json.loads(cancelled.stdout)["state"] == "cancelled"
+    # A malformed gateway URL is a usage error, said in one line.
+    no_scheme = _cli(gateway_url.removeprefix("http://"), "tasks")
+    assert no_scheme.returncode == 2 and "base_url must be http" in no_scheme.stderr
+    assert "Traceback" not in no_scheme.stderr
+
+
+def test_a_gateway_500_is_not_a_client_side_error() -> None:
+    """The gateway's ``internal_error`` comes back as a plain ``CorefleetError``: code
+    that catches ``ClientError`` (the network, a wait that ran out) must not swallow it."""
+    got = errors.from_json(500, {"error": {"code": "internal_error", "message": "boom"}})
+    assert type(got) is errors.CorefleetError and got.message == "boom"
+    assert errors.BY_CODE["client_error"] is errors.ClientError
+
+
+def test_threads_may_share_a_sync_client(gateway_url: str) -> None:
+    """Requests from several threads take turns on the client's one socket, and each
+    thread gets its own answer."""
+    with Client(gateway_url) as client:
+        jobs = [client.submit("io.echo", i) for i in range(4)]
+        problems: list[BaseException] = []
+
+        def read(job_id: str) -> None:
+            try:
+                for _ in range(40):
+                    assert client.get(job_id).id == job_id
+            except BaseException as exc:  # reported below, with the thread's own error
+                problems.append(exc)
+
+        threads = [threading.Thread(target=read, args=(job.id,)) for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert problems == []
 
 
 def test_public_surface() -> None:
@@ -147,9 +182,11 @@ async def test_a_wait_longer_than_the_gateways_maximum_is_asked_in_steps(
 
 class _Hangup:
     """A server that reads each request and closes the connection without answering: the
-    gateway gone between storing a job and answering."""
+    gateway gone between storing a job and answering. With ``answer``, it sends that first
+    (the start of an answer, say) and then closes."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: bytes = b"") -> None:
+        self.answer = answer
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.requests: list[bytes] = []
@@ -170,6 +207,8 @@ class _Hangup:
                         break
                     data += got
                 self.requests.append(data.split(b"\r\n", 1)[0])
+                if self.answer:
+                    conn.sendall(self.answer)
 
     def close(self) -> None:
         self.sock.close()
@@ -196,6 +235,54 @@ def test_the_sync_client_resends_only_what_is_safe_to_send_twice() -> None:
             )
     finally:
         server.close()
+
+
+def test_an_answer_cut_off_is_a_transport_error_and_resent_only_when_safe() -> None:
+    """The gateway stopping mid-answer (fewer bytes than its Content-Length) is a
+    ``TransportError``, resent like a lost connection when that is safe; a reply that is
+    not HTTP at all is a ``TransportError`` too, never sent twice."""
+    cut = _Hangup(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"id": "0')
+    garbled = _Hangup(b"SMTP ready\r\n\r\n")
+    try:
+        with Client(cut.url) as client:
+            with pytest.raises(errors.TransportError, match="IncompleteRead"):
+                client.get("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+            with pytest.raises(errors.TransportError, match="IncompleteRead"):
+                client.submit("io.echo", 1)
+        assert cut.requests == [b"GET /v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV HTTP/1.1"] * 2 + [
+            b"POST /v1/jobs HTTP/1.1"
+        ]
+        with Client(garbled.url) as client, pytest.raises(errors.TransportError):
+            client.get("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        assert len(garbled.requests) == 1
+    finally:
+        cut.close()
+        garbled.close()
+
+
+@pytest.mark.parametrize("most", [0.0, 0.4005])
+async def test_a_wait_goes_on_whatever_maximum_the_gateway_allows(
+    settings: Settings, most: float
+) -> None:
+    """A gateway that allows no wait at all (COREFLEET_MAX_WAIT_S=0) is polled; one whose
+    maximum has more than three decimals is asked for the maximum rounded down (rounded
+    up, every step would be refused)."""
+    gateway_settings = replace(settings, gateway=replace(settings.gateway, max_wait_s=most))
+    server, session = await start_gateway(gateway_settings)
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with AsyncClient(url) as client:
+            job = await client.submit("io.sleep", 0.6)
+            assert (await client.wait(job.id, timeout_s=30)).state is JobState.SUCCEEDED
+
+        def blocking() -> JobState:
+            with Client(url) as client:
+                return client.wait(client.submit("io.sleep", 0.6).id, timeout_s=30).state
+
+        assert await asyncio.to_thread(blocking) is JobState.SUCCEEDED
+    finally:
+        await session.close()
+        await server.close()
 
 
 def test_the_sync_client_reconnects_when_the_gateway_closed_its_idle_socket(
