@@ -41,7 +41,7 @@ from service.events import EventHub, Feed, Watch
 from service.jobs import Job, JobState
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from service.metrics import HttpMetrics, render
-from service.middleware import Deadlines, json_errors
+from service.middleware import OPEN_STREAM, Deadlines, json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
 from service.scheduler import Scheduler
@@ -249,7 +249,7 @@ async def _json_body(request: web.Request) -> Any:
 
 def _job_id(request: web.Request) -> str:
     job_id = request.match_info["id"]
-    if job_id == "batch":  # /v1/jobs/batch is a route of its own, for POST only
+    if request.path == "/v1/jobs/batch":  # a route of its own, for POST only
         raise MethodNotAllowed(
             f"{request.method} is not allowed on {request.path}", {"allowed": ["POST"]}
         )
@@ -461,6 +461,7 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
+    request[OPEN_STREAM] = response  # an error from now on ends it (see middleware)
     return response
 
 

@@ -141,6 +141,13 @@ class PayloadTooLarge(CorefleetError):
     code = "payload_too_large"
 
 
+class RequestTimeout(CorefleetError):
+    """The request's body did not arrive in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class EngineUnavailable(CorefleetError):
     """The engine for this job cannot take work now."""
 

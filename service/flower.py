@@ -1,8 +1,7 @@
-"""``corefleet flower``: Flower on corefleet's broker, with basic auth off loopback."""
+"""``corefleet flower``: Flower on corefleet's broker; basic auth required off loopback,
+and for its API everywhere."""
 
 from __future__ import annotations
-
-import os
 
 from service.engines.celery_ import make_celery_app
 from service.settings import Settings, SettingsError
@@ -24,8 +23,9 @@ def flower_argv(settings: Settings) -> list[str]:
 
 
 def run_flower(settings: Settings) -> None:
-    argv = flower_argv(settings)
-    if not settings.flower.basic_auth:
-        # Loopback only: the API is as open as the UI, so scripts on this machine can use it.
-        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
-    make_celery_app(settings).start(argv=argv)
+    """Flower's UI shows what it shows to whoever reaches it; its API (which can shut
+    workers down, revoke and send tasks) takes basic auth. Without credentials it stays
+    closed, even on loopback: an open Flower API answers any web page's scripts (it
+    sends ``Access-Control-Allow-Origin: *``), so any site the operator visits could
+    drive it."""
+    make_celery_app(settings).start(argv=flower_argv(settings))

@@ -18,8 +18,10 @@ from service.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     StoreUnavailable,
 )
+from service.settings import MAX_WAIT_LIMIT_S
 
 log = logging.getLogger("corefleet.gateway")
 
@@ -31,8 +33,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: answers (a stopped process, a host cut off without a reset), which would otherwise hold
 #: the request for ever.
 STORE_DEADLINE_S = 6.0
-#: The longest wait the deadline makes room for; a longer ``wait`` is refused anyway.
-_MAX_WAIT_ROOM_S = 3600.0
+#: How long a request's body may take to arrive. It is read before the store deadline
+#: starts: a slow upload is the client's time, not a sign that Redis is away.
+BODY_READ_S = 60.0
+#: The request key under which an event stream's response is kept once its headers are
+#: sent: an error after that cannot be answered with a JSON error any more.
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)
 
 
 def _deadline_s(request: web.Request) -> float | None:
@@ -45,7 +51,7 @@ def _deadline_s(request: web.Request) -> float | None:
         wait = 0.0  # the handler refuses it with a 400
     if not math.isfinite(wait) or wait < 0:
         wait = 0.0
-    return min(wait, _MAX_WAIT_ROOM_S) + STORE_DEADLINE_S
+    return min(wait, MAX_WAIT_LIMIT_S) + STORE_DEADLINE_S  # a longer wait is refused anyway
 
 
 def _store_unavailable() -> StoreUnavailable:
@@ -80,15 +86,25 @@ class Deadlines:
         if limit is None or task is None:
             return await handler(request)
         loop = asyncio.get_running_loop()
-        self._due[task] = loop.time() + limit
         if self._ticker is None or self._ticker.done():
             self._ticker = loop.create_task(self._tick())
         cancelling = task.cancelling()  # another's cancel, pending already, stays theirs
+        reading = request.body_exists
         try:
+            if reading:
+                self._due[task] = loop.time() + BODY_READ_S
+                await request.read()  # kept by aiohttp for the handler
+                reading = False
+            self._due[task] = loop.time() + limit
             response = await handler(request)
         except asyncio.CancelledError:
             if not self._took_back(task, cancelling):
                 raise
+            if reading:
+                raise RequestTimeout(
+                    f"the body did not arrive within {BODY_READ_S:g} s",
+                    {"timeout_s": BODY_READ_S},
+                ) from None
             # A Redis call cut off here may have run all the same (a submit's job stored):
             # the answer says to try again, and a resend with its Idempotency-Key is safe.
             log.warning(
@@ -96,7 +112,7 @@ class Deadlines:
             )
             raise _store_unavailable() from None
         finally:
-            del self._due[task]
+            self._due.pop(task, None)
         self._took_back(task, cancelling)  # a handler that swallowed the cancel
         return response
 
@@ -140,34 +156,47 @@ async def _guarded(
 ) -> web.StreamResponse:
     try:
         return await deadlines.run(request, handler)
-    except CorefleetError as exc:
+    except Exception as exc:
+        stream: web.StreamResponse | None = request.get(OPEN_STREAM)
+        if stream is None or not stream.prepared:
+            return _error_answer(request, exc, max_body_bytes)
+        # Its headers are sent: an error answer now would be written into its body. End
+        # the stream instead; a client that reconnects is answered as things are then.
+        if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+            log.warning("%s: Redis does not answer (%s); stream ended", request.path, exc)
+        else:
+            log.exception("unhandled error on %s; stream ended", request.path)
+        return stream
+
+
+def _error_answer(request: web.Request, exc: Exception, max_body_bytes: int) -> web.Response:
+    """The JSON answer for what a handler raised (called while handling ``exc``)."""
+    if isinstance(exc, CorefleetError):
         return error_response(exc)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         # Only after the client's own retries (a restart is ridden out): Redis is away.
         log.warning("%s %s: Redis does not answer (%s)", request.method, request.path, exc)
         return error_response(_store_unavailable())
-    except web.HTTPRequestEntityTooLarge:
-        limit = max_body_bytes
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(
             PayloadTooLarge(
-                f"the body is larger than the {limit} bytes this gateway accepts",
-                {"max_bytes": limit},
+                f"the body is larger than the {max_body_bytes} bytes this gateway accepts",
+                {"max_bytes": max_body_bytes},
             )
         )
-    except web.HTTPMethodNotAllowed as exc:
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return error_response(
             MethodNotAllowed(
                 f"{request.method} is not allowed on {request.path}",
                 {"allowed": sorted(exc.allowed_methods)},
             )
         )
-    except web.HTTPNotFound:
+    if isinstance(exc, web.HTTPNotFound):
         return error_response(NotFound(f"no route matches {request.path}"))
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc  # a redirect, say: aiohttp answers it
         body = {"code": exc.reason.lower().replace(" ", "_"), "message": exc.reason, "detail": {}}
         return web.json_response({"error": body}, status=exc.status)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(CorefleetError("internal error; the gateway log has the details"))
+    log.exception("unhandled error on %s %s", request.method, request.path)
+    return error_response(CorefleetError("internal error; the gateway log has the details"))

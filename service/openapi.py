@@ -40,6 +40,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "A read token asked to change something",
         404: "Not found",
         405: "The path does not take this method",
+        408: "The body did not arrive within 60 s",
         409: "Conflict",
         413: "Body too large",
         429: "The job's queue is full (back-pressure); try again after Retry-After",
@@ -278,7 +279,7 @@ def _document() -> dict[str, Any]:
                     "responses": {
                         "200": _submitted(_json(_ref("Job"), "Finished within ?wait")),
                         "202": _submitted(_json(_ref("Job"), "Stored and queued")),
-                        **_errors(400, 404, 409, 413, 429, 503),
+                        **_errors(400, 404, 408, 409, 413, 429, 503),
                     },
                 },
             },
@@ -297,7 +298,7 @@ def _document() -> dict[str, Any]:
                             },
                             "Stored and queued",
                         ),
-                        **_errors(400, 404, 413, 429, 503),
+                        **_errors(400, 404, 408, 413, 429, 503),
                     },
                 }
             },

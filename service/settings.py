@@ -9,6 +9,7 @@ every variable, and a test keeps the two in step.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DEFAULT_REDIS_PORT = 6379
+#: The longest ``?wait=`` a gateway may be configured to allow (COREFLEET_MAX_WAIT_S).
+MAX_WAIT_LIMIT_S = 3600.0
 
 
 class SettingsError(ValueError):
@@ -36,7 +39,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -44,8 +53,12 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise SettingsError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise SettingsError(f"{name} must be at least {minimum}, not {value}")
+    if value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum:g}, not {value}")
     return value
 
 
@@ -234,7 +247,7 @@ class Settings:
             host=env.get("COREFLEET_HOST", "127.0.0.1"),
             port=_int(env, "COREFLEET_PORT", 8000),
             max_body_bytes=_int(env, "COREFLEET_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
-            max_wait_s=_float(env, "COREFLEET_MAX_WAIT_S", 60.0),
+            max_wait_s=_float(env, "COREFLEET_MAX_WAIT_S", 60.0, maximum=MAX_WAIT_LIMIT_S),
             embedded_io_worker=_bool(env, "COREFLEET_EMBEDDED_IO_WORKER", True),
             api_tokens=_tokens(env, "COREFLEET_API_TOKENS"),
             read_tokens=_tokens(env, "COREFLEET_READ_TOKENS"),

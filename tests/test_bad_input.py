@@ -241,6 +241,11 @@ async def test_wrong_method_is_405_json(gateway: Gateway) -> None:
         body = await resp.json()
         assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
         assert resp.headers["Allow"] == "POST"
+    # Below it, "batch" is what any other word is there: not a job id.
+    for method in ("GET", "POST"):
+        got, body = await gateway.call(method, "/v1/jobs/batch/events")
+        assert (got, body["error"]["code"]) in ((400, "invalid_id"), (405, "method_not_allowed"))
+        assert got == 400 or "POST" not in body["error"]["detail"]["allowed"]
 
 
 async def test_a_queue_named_like_another_programs_key_is_refused(

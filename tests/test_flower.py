@@ -84,3 +84,24 @@ def test_flower_off_loopback_needs_basic_auth() -> None:
         flower_argv(Settings(flower=FlowerSettings(host="0.0.0.0")))
     argv = flower_argv(Settings(flower=FlowerSettings(host="0.0.0.0", basic_auth=AUTH)))
     assert f"--basic_auth={AUTH}" in argv
+
+
+def test_a_loopback_flower_without_credentials_keeps_its_api_closed(
+    redis_server: RedisServer,
+) -> None:
+    """Without credentials (as `corefleet up` starts it) Flower's pages answer on loopback
+    and its API does not: an open API answers any web page's scripts, so a site the
+    operator visits could shut workers down or send tasks."""
+    port = free_port()
+    env = env_with(COREFLEET_REDIS_URL=redis_server.url)
+    env.pop("COREFLEET_FLOWER_BASIC_AUTH", None)
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    proc = Proc(["flower", "--port", str(port)], env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _status(url + "/healthcheck") == 200, 60, "flower")
+        assert _status(url + "/") == 200
+        assert _status(url + "/api/workers") == 401
+        assert _status(url + "/api/tasks") == 401
+    finally:
+        proc.stop()

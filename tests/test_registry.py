@@ -62,6 +62,14 @@ def test_settings_reject_bad_values() -> None:
         Settings.from_env({"COREFLEET_EMBEDDED_IO_WORKER": "maybe"})
     settings = Settings.from_env({"COREFLEET_IO_QUEUES": "a, b", "COREFLEET_PORT": "9"})
     assert settings.io.queues == ("a", "b") and settings.gateway.port == 9
+    # NaN passes a "not below the minimum" check; neither it nor infinity is a setting.
+    for odd in ("nan", "inf", "-inf"):
+        with pytest.raises(SettingsError, match="COREFLEET_IO_LEASE_S must be a finite number"):
+            Settings.from_env({"COREFLEET_IO_LEASE_S": odd})
+    # A wait longer than the gateway's deadline makes room for would end as a false 503.
+    with pytest.raises(SettingsError, match="COREFLEET_MAX_WAIT_S must be at most 3600"):
+        Settings.from_env({"COREFLEET_MAX_WAIT_S": "7200"})
+    assert Settings.from_env({"COREFLEET_MAX_WAIT_S": "3600"}).gateway.max_wait_s == 3600
 
 
 def test_importing_the_service_imports_no_engine() -> None:
