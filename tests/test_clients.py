@@ -157,6 +157,9 @@ def test_public_surface() -> None:
     public = {name for name in vars(clients) if not name.startswith("_")}
     assert set(clients.__all__) <= public
     assert {"AsyncClient", "Client", "CorefleetError", "JobState"} <= set(clients.__all__)
+    # Every error the gateway or a client can raise is importable from clients.
+    every_error = {cls.__name__ for cls in errors.BY_CODE.values()}
+    assert every_error <= set(clients.__all__)
 
 
 async def test_a_wait_longer_than_the_gateways_maximum_is_asked_in_steps(
