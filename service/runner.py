@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -90,27 +91,32 @@ class JobRunner:
         return JobError("UnknownTask", f"this worker has no task named {task!r}")
 
     async def _call(self, spec: TaskSpec, job: Job) -> Any:
-        kwargs = dict(job.kwargs)
+        args, kwargs = list(job.args), dict(job.kwargs)
         if spec.takes_ctx:
-            kwargs["ctx"] = TaskContext(
+            ctx = TaskContext(
                 job_id=job.id,
                 task=job.task,
                 attempt=job.attempts,
                 _cancelled=lambda: self.is_cancelled(job.id),
-                _report=self._reporter(job, on_loop=spec.is_async),
+                _report=self._reporter(job),
             )
+            at = spec.ctx_index
+            if at is not None and len(args) >= at:
+                args.insert(at, ctx)  # def f(ctx, n): the caller's args fill the rest
+            else:
+                kwargs["ctx"] = ctx
         limit = job.timeout_s or spec.timeout_s
         if spec.is_async:
-            call = spec.fn(*job.args, **kwargs)
+            call = spec.fn(*args, **kwargs)
         elif not self.inline_sync:
-            call = asyncio.to_thread(spec.fn, *job.args, **kwargs)
+            call = asyncio.to_thread(spec.fn, *args, **kwargs)
         elif spec.takes_ctx:
             # The engine enforces the time limit of sync tasks in their own process. A task
             # that takes ctx runs on a thread, so that this loop is free to carry its
             # progress reports to Redis.
-            return await asyncio.to_thread(spec.fn, *job.args, **kwargs)
+            return await asyncio.to_thread(spec.fn, *args, **kwargs)
         else:
-            return spec.fn(*job.args, **kwargs)
+            return spec.fn(*args, **kwargs)
         if limit is None:
             return await call
         deadline = asyncio.timeout(limit)
@@ -122,10 +128,12 @@ class JobRunner:
                 raise TimeLimitExceeded(f"{job.task} ran past its {limit:g} s time limit") from None
             raise
 
-    def _reporter(self, job: Job, *, on_loop: bool) -> Callable[[float, str], Awaitable[bool]]:
-        """How ``ctx.progress`` reaches the store: an async task's call starts the write on
-        this loop (awaiting it waits for it); a sync task's, on its own thread, waits for it."""
+    def _reporter(self, job: Job) -> Callable[[float, str], Awaitable[bool]]:
+        """How ``ctx.progress`` reaches the store: a call on this loop (an async task's)
+        starts the write (awaiting it waits for it); a call from another thread (a sync
+        task's, or one an async task handed work to) waits for it there."""
         loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
 
         async def record(fraction: float, message: str) -> bool:
             try:
@@ -135,7 +143,7 @@ class JobRunner:
                 return False
 
         def report(fraction: float, message: str) -> Awaitable[bool]:
-            if on_loop:
+            if threading.get_ident() == loop_thread:
                 write = loop.create_task(record(fraction, message))
                 self._reports.add(write)  # held until done, awaited or not
                 write.add_done_callback(self._reports.discard)

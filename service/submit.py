@@ -136,6 +136,14 @@ class Submitter:
         if problem is not None:
             raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
         _check_options(options, self.webhook_hosts)
+        queue = options.get("queue", spec.queue)
+        owner = self.registry.engine_of_queue(queue)
+        if owner is not None and owner != spec.engine:
+            # Each engine reads its own queues: the job would run on the wrong one, or never.
+            raise InvalidBody(
+                f"options.queue {queue!r} carries {owner} jobs; {name} runs on {spec.engine}",
+                {"queue": queue, "engine": spec.engine},
+            )
         fingerprint = _fingerprint(name, args, kwargs, options)
         engine = spec.engine
         if engine not in self.engines:
@@ -152,7 +160,7 @@ class Submitter:
             task=name,
             kind=spec.kind,
             engine=engine,
-            queue=options.get("queue", spec.queue),
+            queue=queue,
             args=args,
             kwargs=kwargs,
             options=options,

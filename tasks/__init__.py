@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 import random
 import re
 import types
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tasks.context import Retry, TaskContext
+from tasks.context import MAX_DELAY_S, MAX_TIMEOUT_S, Retry, TaskContext
 
 __all__ = ["BUILTIN_MODULES", "Registry", "Retry", "TaskContext", "TaskSpec", "task"]
 
@@ -41,6 +42,9 @@ DASK_QUEUE = "dask"
 PRIORITIES = ("high", "normal", "low")
 #: The level of a job whose submit and task name none.
 DEFAULT_PRIORITY = "normal"
+
+#: The most retries a task may declare (a job's option ``max_attempts`` allows 100).
+MAX_RETRIES = 99
 
 #: What a queue may be named: its Redis keys add ``#`` and a priority to the name.
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -71,7 +75,10 @@ class TaskSpec:
         """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): the backoff for
         that attempt, less a random part of up to half of it, so that jobs failing
         together (a service down) do not all come back at the same moment."""
-        full = min(self.retry_backoff_max_s, self.retry_backoff_s * 2.0 ** (attempt - 1))
+        # The exponent is capped: 2.0 ** 1100 overflows, and the maximum is reached long
+        # before 2 ** 64 anyway.
+        doubled = self.retry_backoff_s * 2.0 ** min(max(attempt - 1, 0), 64)
+        full = min(self.retry_backoff_max_s, doubled)
         return full / 2 + random.uniform(0, full / 2)
 
     @property
@@ -81,6 +88,19 @@ class TaskSpec:
     @property
     def takes_ctx(self) -> bool:
         return "ctx" in _full_signature(self.fn).parameters
+
+    @property
+    def ctx_index(self) -> int | None:
+        """Where ``ctx`` sits among the positional parameters (``def f(ctx, n)``: 0), for
+        the runner to put it between the caller's positional arguments; None where it can
+        only be passed by keyword."""
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for index, param in enumerate(_full_signature(self.fn).parameters.values()):
+            if param.kind not in positional:
+                return None
+            if param.name == "ctx":
+                return index
+        return None
 
     @property
     def max_attempts(self) -> int:
@@ -98,7 +118,7 @@ class TaskSpec:
             if param.name in hints:
                 item["type"] = _type_name(hints[param.name])
             if param.default is not inspect.Parameter.empty:
-                item["default"] = param.default
+                item["default"] = _as_json(param.default)
             params.append(item)
         return {
             "name": self.name,
@@ -144,12 +164,22 @@ def task(
     chosen_engine = engine or DEFAULT_ENGINE[kind]
     if chosen_engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {chosen_engine!r}")
-    if max_retries < 0:
-        raise ValueError("max_retries must be 0 or more")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise ValueError(f"max_retries must be a whole number, not {max_retries!r}")
+    if not 0 <= max_retries <= MAX_RETRIES:
+        raise ValueError(f"max_retries must be from 0 to {MAX_RETRIES}")
+    if timeout_s is not None and (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s <= MAX_TIMEOUT_S  # NaN fails this too
+    ):
+        raise ValueError(f"timeout_s must be None or seconds above 0, at most {MAX_TIMEOUT_S}")
     if not all(isinstance(exc, type) and issubclass(exc, Exception) for exc in retry_on):
         raise ValueError("retry_on must be a tuple of exception classes")
-    if not 0 <= retry_backoff_s <= retry_backoff_max_s:
-        raise ValueError("retry_backoff_s must be from 0 to retry_backoff_max_s")
+    if not 0 <= retry_backoff_s <= retry_backoff_max_s <= MAX_DELAY_S:  # NaN fails this too
+        raise ValueError(
+            f"retry_backoff_s must be from 0 to retry_backoff_max_s, at most {MAX_DELAY_S}"
+        )
     if queue is not None and not QUEUE_NAME.match(queue):
         raise ValueError(f"queue must be 1 to 64 letters, digits or _.:-, not {queue!r}")
     if priority not in PRIORITIES:
@@ -229,6 +259,14 @@ class Registry:
     def get(self, name: str) -> TaskSpec | None:
         return self._specs.get(name)
 
+    def engine_of_queue(self, queue: str) -> str | None:
+        """The engine whose jobs ``queue`` carries (a kind's default queue, or one a task
+        declares); None for a queue no task names."""
+        for spec in self._specs.values():
+            if spec.queue == queue:
+                return spec.engine
+        return DEFAULT_ENGINE.get(queue) or ("dask" if queue == DASK_QUEUE else None)
+
     def __iter__(self) -> Iterator[TaskSpec]:
         return iter(sorted(self._specs.values(), key=lambda s: s.name))
 
@@ -268,8 +306,34 @@ _SIMPLE: dict[type, tuple[type, ...]] = {
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn)
-    except Exception:  # an annotation that does not resolve is simply not checked
-        return {}
+    except Exception:
+        pass
+    # One annotation that does not resolve (a name imported for type checkers only, say)
+    # leaves only itself unchecked: each is resolved on its own, as get_type_hints would.
+    hints: dict[str, Any] = {}
+    names = {**getattr(fn, "__globals__", {}), "TaskContext": TaskContext}
+    for name, annotation in getattr(fn, "__annotations__", {}).items():
+        if not isinstance(annotation, str):
+            hints[name] = annotation
+            continue
+        try:
+            hint = eval(annotation, names)  # the module's own annotation
+            if isinstance(hint, str):  # quoted as well: "'int'"
+                hint = eval(hint, names)
+        except Exception:
+            continue
+        hints[name] = hint
+    return hints
+
+
+def _as_json(value: Any) -> Any:
+    """A parameter's default as ``GET /v1/tasks`` shows it: itself where it is plain JSON,
+    else its ``repr`` (an enum member, a timedelta)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
 
 
 def _type_name(hint: Any) -> str:
@@ -291,7 +355,23 @@ def _matches(value: Any, hint: Any) -> bool | None:
         return None
     if isinstance(value, bool) and base is not bool:
         return False  # JSON true is not a number
-    return isinstance(value, _SIMPLE[base])
+    if not isinstance(value, _SIMPLE[base]):
+        return False
+    # list[X] and dict[str, X]: each item (value) fits X too. JSON keys are strings.
+    item_hint = _item_hint(origin, typing.get_args(hint))
+    if item_hint is not None:
+        container: Any = value  # a list or dict, as just checked
+        items: Iterable[Any] = container.values() if base is dict else container
+        return not any(_matches(item, item_hint) is False for item in items)
+    return True
+
+
+def _item_hint(origin: Any, args: tuple[Any, ...]) -> Any:
+    if origin is list and len(args) == 1:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return None
 
 
 def bind_arguments(spec: TaskSpec, args: list[Any], kwargs: dict[str, Any]) -> str | None:

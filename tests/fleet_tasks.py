@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from datetime import timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -312,3 +313,23 @@ def dask_hold(seconds: float) -> float:
 async def urgent_note(label: str) -> None:
     """``test.note`` whose jobs are high priority unless they say otherwise."""
     await _redis().rpush("test:order", label)
+
+
+@task("test.ctx_first", kind="io")
+async def ctx_first(ctx: TaskContext, n: int, label: str = "-") -> list[Any]:
+    """``ctx`` first, as arq's tasks and Celery's bound tasks take it."""
+    return [ctx.attempt, n, label]
+
+
+@task("test.progress_from_a_thread", kind="io")
+async def progress_from_a_thread(ctx: TaskContext) -> list[Any]:
+    """Report progress from a thread this async task hands work to; what the report
+    returned there, and the progress the record holds the moment the thread is done."""
+    recorded = await asyncio.to_thread(lambda: bool(ctx.progress(0.5, "from a thread")))
+    stored = await _redis().hget(f"cf:job:{ctx.job_id}", "progress")
+    return [recorded, stored]
+
+
+@task("test.odd_defaults", kind="io")
+async def odd_defaults(every: float = float("inf"), when: object = timedelta(seconds=5)) -> None:
+    """Defaults that JSON has no form for."""

@@ -236,3 +236,44 @@ async def test_submit_with_wait_returns_the_result_in_one_trip(gateway: Gateway)
         "POST", "/v1/jobs?wait=nope", json={"task": "io.echo", "args": [1]}
     )
     assert status == 400 and bad["error"]["code"] == "invalid_parameter"
+
+
+async def test_a_task_taking_ctx_first_gets_its_arguments(gateway: Gateway) -> None:
+    """``ctx`` may come first, as in arq's tasks and Celery's bound tasks: the caller's
+    positional arguments fill the parameters after it."""
+    job = await gateway.submit("test.ctx_first", 7)
+    done = await gateway.wait(job["id"], 30)
+    assert (done["state"], done["result"]) == ("succeeded", [1, 7, "-"]), done
+    job = await gateway.submit("test.ctx_first", 8, "x")
+    assert (await gateway.wait(job["id"], 30))["result"] == [1, 8, "x"]
+    status, body = await gateway.call(
+        "POST", "/v1/jobs", json={"task": "test.ctx_first", "kwargs": {"n": 9}}
+    )
+    assert status == 202
+    assert (await gateway.wait(body["id"], 30))["result"] == [1, 9, "-"]
+
+
+async def test_progress_reported_from_a_thread_of_an_async_task_is_stored_at_once(
+    gateway: Gateway,
+) -> None:
+    """An async task that hands work to a thread may report progress from there: the
+    report is written before the call returns, and says whether it was recorded. (The
+    io worker runs on this test's loop: in debug mode asyncio refuses a task started on
+    it from another thread, which is how such a report used to be sent.)"""
+    asyncio.get_running_loop().set_debug(True)
+    job = await gateway.submit("test.progress_from_a_thread")
+    done = await gateway.wait(job["id"], 30)
+    assert done["state"] == "succeeded", done
+    recorded, stored = done["result"]
+    assert recorded is True
+    assert stored is not None and json.loads(stored)["fraction"] == 0.5
+
+
+async def test_tasks_with_defaults_json_has_no_form_for_are_listed(gateway: Gateway) -> None:
+    """A default JSON cannot carry (infinity, a timedelta) is shown as its repr; it does
+    not break ``GET /v1/tasks`` for every task."""
+    status, body = await gateway.call("GET", "/v1/tasks")
+    assert status == 200
+    odd = next(t for t in body["tasks"] if t["name"] == "test.odd_defaults")
+    defaults = {p["name"]: p["default"] for p in odd["parameters"]}
+    assert defaults == {"every": "inf", "when": "datetime.timedelta(seconds=5)"}

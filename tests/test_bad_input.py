@@ -42,6 +42,30 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_arguments",
     ),
     ("str for float", {"json": {"task": "io.sleep", "args": ["1"]}}, 400, "invalid_arguments"),
+    (
+        "str in list[int]",
+        {"json": {"task": "test.typed", "args": [1, 0.5, "x", True, [1, "2"], {"a": 1}]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "str value in dict[str, int]",
+        {"json": {"task": "test.typed", "args": [1, 0.5, "x", True, [1], {"a": "b"}]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "io job onto Ray's queue",
+        {"json": {"task": "io.echo", "args": [1], "options": {"queue": "heavy"}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "cpu job onto the io queue",
+        {"json": {"task": "cpu.count_primes", "args": [10], "options": {"queue": "io"}}},
+        400,
+        "invalid_body",
+    ),
     ("bool for float", {"json": {"task": "io.sleep", "args": [True]}}, 400, "invalid_arguments"),
     (
         "float for int",

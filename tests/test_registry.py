@@ -43,6 +43,40 @@ def test_bad_declarations_are_refused() -> None:
         task(kind="cpu", engine="spark")
 
 
+def test_declared_limits_are_checked_where_the_author_sees_them() -> None:
+    """A time limit, retry count or backoff no job could live with fails at import time,
+    as the same values do as a submit's options."""
+    for timeout in (0, -3, float("nan"), "30", True):
+        with pytest.raises(ValueError, match="timeout_s"):
+            task(kind="io", timeout_s=timeout)  # type: ignore[arg-type]
+    for retries in (-1, 100, 2.5):
+        with pytest.raises(ValueError, match="max_retries"):
+            task(kind="io", max_retries=retries)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retry_backoff_s"):
+        task(kind="io", retry_backoff_s=1e9, retry_backoff_max_s=1e10)
+
+    @task("limits.ok", kind="io", max_retries=99, retry_backoff_s=1, retry_backoff_max_s=60)
+    async def ok() -> None: ...
+
+    spec = Registry([ok.__corefleet_task__]).get("limits.ok")  # type: ignore[attr-defined]
+    assert spec is not None and 30 <= spec.retry_delay(99) <= 60
+    assert spec.retry_delay(5000) <= 60  # no OverflowError from 2.0 ** 4999
+
+
+def test_an_annotation_that_does_not_resolve_leaves_the_others_checked() -> None:
+    """A name imported for type checkers only (``if TYPE_CHECKING:``) cannot be resolved
+    at run time; the other parameters are still checked."""
+
+    @task("hints.partial", kind="io")
+    async def partial(n: int, client: NotImportedHere) -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+    spec = Registry([partial.__corefleet_task__]).get("hints.partial")  # type: ignore[attr-defined]
+    assert spec is not None
+    problem = bind_arguments(spec, ["x", None], {})
+    assert problem is not None and "'n' must be int, not str" in problem
+    assert bind_arguments(spec, [1, {"any": "thing"}], {}) is None
+
+
 def test_binding_names_the_problem() -> None:
     """Argument errors say which argument and which type."""
     spec = Registry.load().get("io.http_get")
