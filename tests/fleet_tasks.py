@@ -333,3 +333,13 @@ async def progress_from_a_thread(ctx: TaskContext) -> list[Any]:
 @task("test.odd_defaults", kind="io")
 async def odd_defaults(every: float = float("inf"), when: object = timedelta(seconds=5)) -> None:
     """Defaults that JSON has no form for."""
+
+
+@task("test.cpu_held_until_released", kind="cpu")
+def cpu_held_until_released(ctx: TaskContext) -> int:
+    """Say it started (``test:started:{job id}``), hold its child until the test pushes
+    ``test:release:{job id}``; the attempt number."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
+    return ctx.attempt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -21,6 +22,7 @@ from tests.conftest import (
     wait_state,
     wait_workers,
 )
+from tests.procs import Proc
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
 
@@ -200,3 +202,36 @@ async def test_queues_show_every_queue_a_live_worker_consumes(
     _status, queues = await gateway.call("GET", "/v1/queues")
     assert "bulk" not in queues["engines"]["celery"]["queues"]
     assert {"cpu", "gpu"} <= set(queues["engines"]["celery"]["queues"])
+
+
+async def test_a_stopped_worker_puts_its_running_job_back_at_once(
+    gateway: Gateway, redis: aioredis.Redis, celery_worker: CeleryWorker
+) -> None:
+    """SIGTERM (what systemd, ``docker stop`` and ``corefleet up`` send) gives a running job
+    the grace, then stops it and puts its message back on the queue: the next worker runs
+    it at once. Celery's own SIGTERM waited for the job, the SIGKILL after the grace
+    period followed, and the message came back only after the visibility timeout (1 h)."""
+    env = dict(
+        celery_worker.env,
+        COREFLEET_WORKER_QUEUES="stopping",
+        COREFLEET_WORKER_SHUTDOWN_GRACE_S="0.5",
+    )
+    first = Proc(["worker", "--concurrency", "1"], env)
+    try:
+        job = await gateway.submit("test.cpu_held_until_released", queue="stopping")
+        attempt, _pid = await _started(redis, job["id"])
+        assert attempt == 1
+        first.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.proc.wait, 30) is not None
+        assert await celery_waiting(redis, "stopping") == 1  # back on its queue
+    finally:
+        first.stop()
+    second = Proc(["worker", "--concurrency", "1"], env)
+    try:
+        attempt, _pid = await _started(redis, job["id"])
+        assert attempt == 2
+        await redis.rpush(f"test:release:{job['id']}", 1)
+        done = await gateway.wait(job["id"], 60)
+        assert (done["state"], done["result"], done["attempts"]) == ("succeeded", 2, 2), done
+    finally:
+        second.stop()

@@ -5,20 +5,24 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from service.settings import GatewaySettings, Settings
+from service.up import Stack, UpError
 from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree, wait_until
 
 
 def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path) -> None:
     """up → embedded Redis, gateway, worker, Flower; io, cpu, gpu (fallback) and heavy jobs
-    succeed; SIGINT stops every process, Ray's included."""
+    succeed; SIGHUP (as SIGINT and SIGTERM) stops every process, Ray's included."""
     redis_port, port, flower_port = free_port(), free_port(), free_port()
     env = env_with(
         COREFLEET_REDIS_PORT=str(redis_port),
@@ -78,7 +82,8 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
         tree = process_tree(proc.pid)
         # Ray's processes, the detached dispatcher among them, are up's to stop as well.
         assert any("RayDispatcherActor" in _cmdline(pid) for pid in tree)
-        proc.send_signal(signal.SIGINT)
+        # A closed terminal: the children have sessions of their own, so only up hears it.
+        proc.send_signal(signal.SIGHUP)
         assert proc.wait(60) == 0
         wait_until(lambda: not any(alive(pid) for pid in tree), 30, "children to exit")
         assert not http_ok(url + "/healthz")
@@ -108,3 +113,24 @@ def _call(url: str, body: dict[str, Any] | None = None) -> Any:
     )
     with urllib.request.urlopen(request, timeout=70) as resp:
         return json.loads(resp.read())
+
+
+def test_a_second_up_on_the_same_data_dir_or_ports_is_refused(tmp_path: Path) -> None:
+    """Two embedded servers on one append-only file would write over each other's data,
+    and a stack beside another's ports would answer its readiness checks with the other's
+    gateway: either is refused before anything starts."""
+    first = Stack(Settings(data_dir=tmp_path))
+    first.claim_data_dir(tmp_path / "redis")
+    try:
+        with pytest.raises(UpError, match="in use by another corefleet up"):
+            Stack(Settings(data_dir=tmp_path)).claim_data_dir(tmp_path / "redis")
+    finally:
+        assert first.data_lock is not None
+        first.data_lock.close()
+    Stack(Settings(data_dir=tmp_path)).claim_data_dir(tmp_path / "redis")  # free again
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        settings = Settings(gateway=GatewaySettings(port=port))
+        with pytest.raises(UpError, match=f"already listens on 127.0.0.1:{port}"):
+            Stack(settings).check_ports()

@@ -182,7 +182,9 @@ class CeleryEngine:
     async def cancel(self, job: Job) -> None:
         # Terminate the child running it; should the message come back, the runner sees
         # the job is cancelled and skips it.
-        await asyncio.to_thread(self.app.control.revoke, job.id, terminate=True, signal="SIGTERM")
+        # SIGQUIT: a worker's children ignore SIGTERM (it is the worker's own stop; see
+        # _stop_by_putting_back in celery_worker.py) and end on SIGQUIT, remapped or not.
+        await asyncio.to_thread(self.app.control.revoke, job.id, terminate=True, signal="SIGQUIT")
 
     async def workers(self, queue: str) -> list[dict[str, Any]]:
         """The live workers of ``queue``, with their devices."""

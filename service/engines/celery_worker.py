@@ -172,9 +172,30 @@ def run_worker(
         "gpus": [g.to_json() for g in gpus],
         "gpu_fallback": settings.engines.gpu_fallback if gpu else "",
     }
+    _stop_by_putting_back(app, settings.celery.shutdown_grace_s)
     check_in = _CheckIn(settings, name, queues, info)
     check_in.start()
     try:
         app.worker_main(argv)
     finally:
         check_in.stop()
+
+
+def _stop_by_putting_back(app: Any, grace_s: float) -> None:
+    """SIGTERM (systemd, ``docker stop``, ``corefleet up``) lets running jobs go on for
+    ``grace_s``, then stops them and puts their messages back on the queue: Celery's soft,
+    then cold, shutdown. Celery's own SIGTERM (warm: wait for every job) ends in the
+    SIGKILL that follows a grace period, and the killed job's message waited in kombu's
+    unacked set for the whole visibility timeout (an hour) before running again.
+
+    SIGTERM is taken so with ``REMAP_SIGTERM=SIGQUIT`` in the environment before Celery
+    (billiard) is imported, which reads it then: ``corefleet worker`` sets it first thing."""
+    from billiard.common import REMAP_SIGTERM
+
+    if REMAP_SIGTERM != "SIGQUIT":
+        log.warning(
+            "REMAP_SIGTERM is %r, not SIGQUIT: on SIGTERM this worker waits for its running "
+            "jobs, and a job it is killed in comes back only after the visibility timeout",
+            REMAP_SIGTERM,
+        )
+    app.conf.worker_soft_shutdown_timeout = grace_s
