@@ -35,6 +35,11 @@ WEBHOOK_STATS = PREFIX + "webhook-stats"
 IO_GROUP = "corefleet-io"
 
 
+def webhook_try(try_id: str) -> str:
+    """The marker that one failed webhook try was counted (kept an hour)."""
+    return f"{PREFIX}webhook-try:{try_id}"
+
+
 def job(job_id: str) -> str:
     """The hash that holds one job's record."""
     return f"{PREFIX}job:{job_id}"

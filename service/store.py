@@ -439,6 +439,11 @@ class JobStore:
         done = await self.batch.script(
             "release", [keys.DELAYED, keys.job(job_id), queue], [job_id, op, value, due_ms]
         )
+        if done == -1:
+            # It could never be queued there: fail it, saying why (it leaves the set so).
+            message = f"its queue {queue!r} is a Redis key of another kind (another program's)"
+            await self.fail(job_id, JobError("QueueUnavailable", message))
+            return False
         return bool(done)
 
     async def cancel(self, job_id: str) -> tuple[bool, JobState | None]:

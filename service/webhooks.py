@@ -39,11 +39,11 @@ import aiohttp
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from service import keys
+from service import ids, keys
 from service.engines.asyncio_ import consumer_name, create_group
 from service.errors import InvalidBody
 from service.settings import DEFAULT_PORTS, WebhookSettings, webhook_addresses
-from service.store import JobStore
+from service.store import LUA_DIR, JobStore
 
 log = logging.getLogger("corefleet.webhooks")
 
@@ -147,6 +147,7 @@ class WebhookSender:
         self._sending: dict[str, asyncio.Task[None]] = {}
         #: Where the next look through the failed deliveries starts.
         self._cursor = "-"
+        self._outcome = redis.register_script((LUA_DIR / "webhook_outcome.lua").read_text())
 
     async def prepare(self) -> None:
         """Create the deliveries' stream and group, before the first job can end."""
@@ -296,14 +297,16 @@ class WebhookSender:
             await self._done(entry_id, "delivered")
         else:
             log.warning("webhook of job %s to %s failed (%s); will try again", job.id, url, problem)
-            await self.redis.hincrby(keys.WEBHOOK_STATS, "failed", 1)  # type: ignore[misc]
+            await self._record(entry_id, "failed")
 
     async def _done(self, entry_id: str, outcome: str = "") -> None:
         """The delivery is owed no more: ``delivered``, ``dropped`` after its last try, or
         (no outcome) nothing was owed after all (the job's record expired)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xack(keys.WEBHOOKS, GROUP, entry_id)
-        pipe.xdel(keys.WEBHOOKS, entry_id)
-        if outcome:
-            pipe.hincrby(keys.WEBHOOK_STATS, outcome, 1)
-        await pipe.execute()
+        await self._record(entry_id, outcome)
+
+    async def _record(self, entry_id: str, outcome: str) -> None:
+        # One script, counting once even when the client sends it again.
+        marker = keys.webhook_try(ids.new_id())
+        await self._outcome(
+            keys=[keys.WEBHOOKS, keys.WEBHOOK_STATS, marker], args=[GROUP, entry_id, outcome]
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import Any
 
@@ -294,3 +295,43 @@ async def test_only_the_current_attempt_ends_the_job(
     assert await store.succeed(job["id"], '"now"', taken_over.job.attempt_id)
     record = await store.get(job["id"])
     assert record is not None and (record.state, record.result) == (JobState.SUCCEEDED, "now")
+
+
+async def test_a_delayed_job_whose_queue_became_another_programs_key_fails_saying_so(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """At its time the job's queue is a Redis key of another kind: it fails with the
+    reason and leaves the delayed set. (The push used to fail after the job had left the
+    set, which Redis does not undo: the job waited for good.)"""
+    await redis.set("bulk-later", "another program's value")
+    # A high job goes onto the list of the queue's very name (kombu's first priority step).
+    job = await gateway.submit(
+        "cpu.count_primes", 10, queue="bulk-later", delay_s=0.2, priority="high"
+    )
+    assert await wait_state(redis, job["id"], "failed", within=30) == "failed"
+    done = await gateway.wait(job["id"])
+    assert done["error"]["type"] == "QueueUnavailable", done
+    assert "'bulk-later'" in done["error"]["message"]
+    assert await redis.zscore(keys.DELAYED, job["id"]) is None
+    assert await redis.get("bulk-later") == "another program's value"
+
+
+async def test_a_progress_report_python_writes_is_stored_and_published(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A message with a lone surrogate (a file name that is not UTF-8) is JSON Python writes
+    and Lua's cjson refuses: the report is recorded, published, and said to be."""
+    store = JobStore(redis, 3600, group_commit=False)
+    job = await bare_gateway.submit("io.echo", 1)
+    begun = await store.begin(job["id"], "worker-a", "1-1")
+    assert begun.job is not None
+    async with redis.pubsub() as events:
+        await events.subscribe(keys.EVENTS)
+        await events.get_message(timeout=5)  # the subscription's own answer
+        assert await store.progress(begun.job, 0.5, "file \udcff.txt") is True
+        message = await events.get_message(timeout=5)
+    assert message is not None
+    event = json.loads(message["data"])
+    assert event["progress"] == {"fraction": 0.5, "message": "file \udcff.txt"}
+    record = await store.get(job["id"])
+    assert record is not None and record.progress == event["progress"]

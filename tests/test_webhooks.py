@@ -264,3 +264,29 @@ def test_the_secret_setting_takes_a_rotation() -> None:
     assert rotating.webhooks.secrets == ("new-secret", "old-secret")
     assert Settings.from_env({}).webhooks.secrets == ()
     assert "new-secret" not in repr(rotating)  # never in a log line
+
+
+async def test_a_webhook_outcome_sent_twice_is_counted_once(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The client sends a call again when its answer is lost with the connection, though
+    Redis ran it: a try's outcome, sent twice, counts once."""
+    from service.store import JobStore
+    from service.webhooks import GROUP, WebhookSender
+
+    sender = WebhookSender(redis, JobStore(redis, 60), WebhookSettings())
+    await sender.prepare()
+    entry = await redis.xadd(keys.WEBHOOKS, {"id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"})
+    await redis.xreadgroup(GROUP, "tester", {keys.WEBHOOKS: ">"})
+    before = await redis.hgetall(keys.WEBHOOK_STATS)
+    marker = keys.webhook_try("01ARZ3NDEKTSV4RRFFQ69G5FAW")
+    for outcome, marker_key in (("failed", marker), ("delivered", marker + "-unused")):
+        for _ in range(2):  # the call, and the same call sent again
+            await sender._outcome(
+                keys=[keys.WEBHOOKS, keys.WEBHOOK_STATS, marker_key],
+                args=[GROUP, entry, outcome],
+            )
+    after = await redis.hgetall(keys.WEBHOOK_STATS)
+    for outcome in ("failed", "delivered"):
+        assert int(after.get(outcome, 0)) - int(before.get(outcome, 0)) == 1
+    assert await redis.xlen(keys.WEBHOOKS) == 0

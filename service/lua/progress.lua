@@ -9,6 +9,9 @@ if state ~= 'running' or attempt ~= ARGV[2] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'progress', ARGV[3])
-redis.call('PUBLISH', ARGV[4], cjson.encode({id = ARGV[1], state = 'running',
-                                             progress = cjson.decode(ARGV[3])}))
+-- The report goes out as written, not decoded here: Lua's cjson refuses JSON that Python
+-- writes (a lone surrogate's escape, from a file name that is not UTF-8), and that would
+-- fail the script after the HSET.
+redis.call('PUBLISH', ARGV[4], '{"id":' .. cjson.encode(ARGV[1]) ..
+           ',"state":"running","progress":' .. ARGV[3] .. '}')
 return 1
