@@ -14,6 +14,7 @@ from typing import Any
 
 from service import ids, keys, presence
 from service.engines.base import Engine
+from service.engines.cluster import DEFAULT_QUEUES, queues_of
 from service.errors import (
     CorefleetError,
     EngineUnavailable,
@@ -25,7 +26,14 @@ from service.errors import (
 from service.jobs import Job, iso
 from service.store import JobStore, Once
 from service.webhooks import check_webhook
-from tasks import DEFAULT_PRIORITY, PRIORITIES, QUEUE_NAME, Registry, bind_arguments
+from tasks import (
+    DEFAULT_PRIORITY,
+    PRIORITIES,
+    QUEUE_NAME,
+    Registry,
+    TaskSpec,
+    bind_arguments,
+)
 from tasks.context import MAX_DELAY_S, MAX_TIMEOUT_S
 
 _BODY_KEYS = frozenset({"task", "args", "kwargs", "options"})
@@ -137,13 +145,7 @@ class Submitter:
             raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
         _check_options(options, self.webhook_hosts)
         queue = options.get("queue", spec.queue)
-        owner = self.registry.engine_of_queue(queue)
-        if owner is not None and owner != spec.engine:
-            # Each engine reads its own queues: the job would run on the wrong one, or never.
-            raise InvalidBody(
-                f"options.queue {queue!r} carries {owner} jobs; {name} runs on {spec.engine}",
-                {"queue": queue, "engine": spec.engine},
-            )
+        _check_queue(self.registry, spec, queue)
         fingerprint = _fingerprint(name, args, kwargs, options)
         engine = spec.engine
         if engine not in self.engines:
@@ -228,6 +230,25 @@ class Submitter:
                 {"id": earlier.job.id},
             )
         return earlier.job
+
+
+def _check_queue(registry: Registry, spec: TaskSpec, queue: str) -> None:
+    """Refuse a queue nothing would run the job from: one of another engine (the job would
+    run on the wrong one, or never), or a cluster queue no task declares (Ray's and Dask's
+    dispatchers read only those). A Celery or io queue may be new: workers are started
+    on whatever queues their operators name."""
+    owner = registry.engine_of_queue(queue)
+    if owner is not None and owner != spec.engine:
+        raise InvalidBody(
+            f"options.queue {queue!r} carries {owner} jobs; {spec.name} runs on {spec.engine}",
+            {"queue": queue, "engine": spec.engine},
+        )
+    if spec.engine in DEFAULT_QUEUES and queue not in (known := queues_of(registry, spec.engine)):
+        raise InvalidBody(
+            f"options.queue {queue!r} is read by no {spec.engine} dispatcher; its queues are "
+            f"those its tasks declare: {', '.join(known)}",
+            {"queue": queue, "engine": spec.engine, "allowed": list(known)},
+        )
 
 
 def _fingerprint(task: str, args: Any, kwargs: Any, options: Any) -> str:

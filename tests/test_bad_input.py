@@ -61,6 +61,24 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_body",
     ),
     (
+        "Ray job onto a queue no dispatcher reads",
+        {"json": {"task": "heavy.pi", "args": [10], "options": {"queue": "nobody-reads"}}},
+        400,
+        "invalid_body",
+    ),
+    (
+        "less of a CPU than Ray counts",
+        {
+            "json": {
+                "task": "heavy.pi",
+                "args": [10],
+                "options": {"resources": {"num_cpus": 0.00005}},
+            }
+        },
+        400,
+        "invalid_body",
+    ),
+    (
         "cpu job onto the io queue",
         {"json": {"task": "cpu.count_primes", "args": [10], "options": {"queue": "io"}}},
         400,

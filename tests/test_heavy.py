@@ -584,6 +584,40 @@ async def test_a_dispatcher_of_another_corefleet_version_is_replaced(
         ray.kill(handle, no_restart=True)
 
 
+class _NewerDispatcher:
+    """Stands in for Ray's dispatcher of a newer corefleet (a rolling deploy's)."""
+
+    async def serve(self, settings: Settings) -> dict[str, str]:
+        return {"version": "99.0.0"}
+
+
+async def test_a_newer_dispatcher_is_left_to_serve(
+    settings: Settings, local_ray: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling deploy gateways of two versions run side by side: the older one
+    uses the newer dispatcher rather than replacing it (each replacement kills every Ray
+    job the dispatcher runs, and the newer gateway would replace it back)."""
+    import ray
+
+    from service.engines import ray_dispatcher
+    from service.engines.ray_dispatcher import NAMESPACE, actor_name
+
+    monkeypatch.setattr(ray_dispatcher, "corefleet_version", lambda: "1.0.0")
+    mine = replace(settings, redis_url=settings.redis.rsplit("/", 1)[0] + "/4")
+    name = actor_name(mine.redis)
+    newer = ray.remote(_NewerDispatcher).options(
+        name=name, namespace=NAMESPACE, lifetime="detached"
+    )
+    first = newer.remote()
+    try:
+        handle = await asyncio.to_thread(ensure_dispatcher, mine)
+        assert handle._actor_id == first._actor_id
+        served = await asyncio.to_thread(ray.get, handle.serve.remote(mine), timeout=60)
+        assert served["version"] == "99.0.0"
+    finally:
+        ray.kill(first, no_restart=True)
+
+
 async def test_a_ray_task_reports_progress(heavy_gateway: Gateway, redis: aioredis.Redis) -> None:
     """``ctx.progress`` from inside a Ray task reaches the record while the job runs."""
     job = await heavy_gateway.submit("test.ray_progress")

@@ -60,6 +60,8 @@ RESOURCES_OPTION = "resources"
 RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
 #: The most of any resource a job may ask for (memory in bytes, 8 EiB).
 MAX_RESOURCE = 2**63
+#: The least, other than none: Ray counts resources in steps of 1/10,000 and refuses less.
+MIN_RESOURCE = 0.0001
 
 NOT_STARTED = "not started"
 LOCAL = "local"
@@ -81,7 +83,7 @@ class CouldNotRun(Exception):
 def _resource_error() -> InvalidBody:
     return InvalidBody(
         f"options.{RESOURCES_OPTION} must be an object with num_cpus, num_gpus and/or memory "
-        "(bytes), each a number from 0 to 2**63",
+        "(bytes), each 0 or a number from 0.0001 to 2**63",
         {"allowed": list(RESOURCE_NAMES)},
     )
 
@@ -95,6 +97,7 @@ def check_resources(value: Any) -> dict[str, float]:
             isinstance(amount, bool)
             or not isinstance(amount, (int, float))
             or not 0 <= amount <= MAX_RESOURCE  # NaN and infinity fail this too
+            or 0 < amount < MIN_RESOURCE
         ):
             raise _resource_error()
     return {name: float(amount) for name, amount in value.items()}

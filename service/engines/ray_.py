@@ -261,12 +261,17 @@ class RayEngine(ClusterEngine):
             # Named after the task, so Ray's dashboard and logs say what runs. Redelivery is
             # corefleet's (the stream and the attempt count), not Ray's; so is the record
             # of each job: Ray's own (task events) is off unless asked for.
-            remote = self._flavours[flavour] = self._remote.options(
-                name=job.task,
-                max_retries=0,
-                enable_task_events=self.settings.engines.ray_task_events,
-                **options,
-            )
+            try:
+                remote = self._remote.options(
+                    name=job.task,
+                    max_retries=0,
+                    enable_task_events=self.settings.engines.ray_task_events,
+                    **options,
+                )
+            except (ValueError, TypeError) as exc:
+                # Options Ray refuses would be refused again at every delivery: fail the job.
+                raise CouldNotRun(JobError("InvalidResources", str(exc))) from exc
+            self._flavours[flavour] = remote
         return remote.remote(job.id, job.entry)
 
     def _check_feasible(self, options: dict[str, Any]) -> None:

@@ -221,13 +221,31 @@ def ensure_dispatcher(settings: Settings, timeout_s: float = START_TIMEOUT_S) ->
             max_restarts=-1,
         ).remote()
         info = ray.get(handle.serve.remote(settings), timeout=timeout_s)
-        if info.get("version") == corefleet_version():
+        theirs = str(info.get("version"))
+        if not _older(theirs, corefleet_version()):
             return handle
-        # An actor of an older (or newer) corefleet: its code is not this gateway's.
-        log.warning("replacing Ray's dispatcher of corefleet %s", info.get("version"))
+        # An actor of an older corefleet: its code is not this gateway's.
+        log.warning("replacing Ray's dispatcher of corefleet %s", theirs)
         ray.kill(handle, no_restart=True)
         _wait_gone(ray, actor_name(settings.redis))
     raise RuntimeError("Ray's dispatcher keeps running another corefleet version")
+
+
+def _older(theirs: str, ours: str) -> bool:
+    """Whether a dispatcher of corefleet ``theirs`` gives way to a gateway of ``ours``: only
+    an older one does. Gateways of two versions side by side (a rolling deploy) would
+    otherwise replace each other's dispatcher in turn, each time killing every Ray job it
+    runs; a newer dispatcher serves an older gateway's jobs as well. Versions that do not
+    compare (a source tree's "unknown") give way when they differ."""
+    try:
+        return _release(theirs) < _release(ours)
+    except ValueError:
+        return theirs != ours
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"1.2.3"`` as ``(1, 2, 3)``; ValueError for anything else."""
+    return tuple(int(part) for part in version.split("."))
 
 
 def _wait_gone(ray: Any, name: str) -> None:
