@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service import ids, keys
-from service.engines.cluster import DISPATCH_CONCURRENCY, ray_options
+from service.engines.cluster import DISPATCH_CONCURRENCY, ClusterEngine, ray_options
 from service.engines.ray_ import start_ray
 from service.engines.ray_dispatcher import MIN_IN_FLIGHT, ensure_dispatcher, in_flight_for
 from service.errors import InvalidBody
@@ -537,6 +537,83 @@ async def test_a_taken_over_jobs_time_limit_starts_with_its_new_attempt(
     await redis.rpush(f"test:release:{job.id}", "go")
     done = await heavy_gateway.wait(job.id, 30)
     assert (done["state"], done["attempts"], done["result"]) == ("succeeded", 2, 2), done
+
+
+async def test_a_taken_over_dask_jobs_time_limit_starts_with_its_new_task(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A Dask job taken over from a lost gateway, whose task the scheduler no longer holds
+    (its workers went with that gateway), still says running as it is launched again: its
+    time limit starts when the new task begins. Here that task waits for a free worker for
+    longer than the limit, and still runs."""
+    blockers = [await heavy_gateway.submit("test.dask_gate") for _ in range(2)]
+    for blocker in blockers:  # both Dask workers are taken
+        assert await redis.blpop([f"test:started:{blocker['id']}"], timeout=60) is not None
+    store = JobStore(redis, 3600, group_commit=False)
+    job = Job(
+        id=ids.new_id(),
+        task="test.dask_gate",
+        kind="heavy",
+        engine="dask",
+        queue="dask",
+        max_attempts=3,
+        timeout_s=1.0,
+    )
+    await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
+    entry = f"{int(time.time() * 1000) + 1000}-0"  # after every entry there is
+    assert (await store.begin(job.id, "lost-worker", entry)).job is not None
+    await redis.xadd(keys.stream("dask"), {"id": job.id}, id=entry)
+    # Past the limit and its grace, waiting for a worker: not failed.
+    with pytest.raises(TimeoutError):
+        await wait_state(redis, job.id, "failed", within=3)
+    for blocker in blockers:
+        await redis.rpush(f"test:release:{blocker['id']}", "go")
+    assert await redis.blpop([f"test:started:{job.id}"], timeout=60) is not None
+    await redis.rpush(f"test:release:{job.id}", "go")
+    done = await heavy_gateway.wait(job.id, 30)
+    assert (done["state"], done["attempts"], done["result"]) == ("succeeded", 2, 2), done
+
+
+class _SlowStart(ClusterEngine):
+    """A cluster engine whose start waits for the test (nothing of a real cluster is
+    started: the point is the engine's own bookkeeping)."""
+
+    name = "slow"
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        super().__init__(redis, settings, "")
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.starts = 0
+        self.finished = 0
+
+    async def _connect(self) -> None:
+        self.starts += 1
+        self.entered.set()
+        await self.release.wait()
+        self.finished += 1
+
+    async def _disconnect(self) -> None:
+        return None
+
+
+async def test_a_cancel_of_the_job_starting_a_cluster_does_not_cut_the_start_short(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The first job starts the cluster; cancelling it (a user's cancel) leaves the start
+    to finish, and the next job uses that cluster rather than starting another (a start
+    cut short left a LocalCluster's processes with nothing to stop them)."""
+    engine = _SlowStart(redis, settings)
+    first = asyncio.create_task(engine.ensure_started())
+    await engine.entered.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    second = asyncio.create_task(engine.ensure_started())
+    engine.release.set()
+    await asyncio.wait_for(second, 10)
+    assert (engine.starts, engine.finished, engine.connected) == (1, 1, True)
+    await engine.close()
 
 
 async def test_a_new_dispatcher_loop_leaves_running_ray_jobs_to_the_old_one(

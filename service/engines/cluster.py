@@ -171,7 +171,8 @@ class ClusterEngine:
         self.problem = ""
         self.dashboard: str | None = None
         self.connected = False
-        self._lock: asyncio.Lock | None = None
+        #: The start of the cluster or the connection to it, while under way: one at a time.
+        self._starting: asyncio.Future[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._inflight: dict[str, Any] = {}
         #: Set when the runner marks an in-flight job running: its time limit starts then.
@@ -228,6 +229,10 @@ class ClusterEngine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._starting is not None and not self._starting.done():
+            # A start under way ends first, so that what it started is stopped below.
+            with contextlib.suppress(Exception):
+                await self._starting
         if self.connected:
             await self._disconnect()
             self.connected = False
@@ -252,7 +257,7 @@ class ClusterEngine:
             if limit is not None:
                 # Registered before the launch, so that the start cannot slip past.
                 self._started[job.id] = asyncio.Event()
-                self._attempt_before[job.id] = await self._attempt_at_launch(job.id)
+                self._attempt_before[job.id] = await self._attempt_at_launch(job)
                 self._watch_starts()
             handle = self._launch(job, spec)
             self._inflight[job.id] = handle
@@ -271,14 +276,14 @@ class ClusterEngine:
             if self._started.pop(job.id, None) is not None:
                 self._watch_starts()
 
-    async def _attempt_at_launch(self, job_id: str) -> str:
+    async def _attempt_at_launch(self, job: Job) -> str:
         """The attempt the job's record names as it is launched: a lost worker's, if the job
-        was taken over. Where a launch always begins a new attempt (``fresh_launch``), that
-        one running is not this launch's start; elsewhere (Dask may hand back the task that
-        still runs) it is, and "" says so."""
-        if not self.fresh_launch:
+        was taken over. Where this launch runs a new task (``_runs_anew``), that one running
+        is not this launch's start; where the cluster hands back the task that still runs
+        (Dask, for a key it holds), it is, and "" says so."""
+        if not await self._runs_anew(job):
             return ""
-        attempt = await self.redis.hget(keys.job(job_id), "attempt_id")  # type: ignore[misc]
+        attempt = await self.redis.hget(keys.job(job.id), "attempt_id")  # type: ignore[misc]
         return str(attempt or "")
 
     async def _wait_within(self, job: Job, handle: Any, limit: float) -> None:
@@ -373,23 +378,28 @@ class ClusterEngine:
                 self.state = NOT_STARTED
         if self.connected:
             return
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self.connected:
-                return
-            if self.address and not await self._check_reachable():
-                raise EngineUnavailable(f"the {self.name} engine is unreachable: {self.problem}")
-            try:
-                await self._connect()
-            except Exception as exc:
-                self._mark_unreachable(f"could not start or connect: {type(exc).__name__}: {exc}")
-                raise EngineUnavailable(
-                    f"the {self.name} engine is unreachable: {self.problem}"
-                ) from exc
-            self.connected = True
-            self.state = f"connected to {self.address}" if self.address else LOCAL
-            log.info("%s engine %s", self.name, self.state)
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start_or_connect())
+            # Read, so that a start nobody waits for any more does not log its error twice.
+            self._starting.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # Shielded: the job that happened to start the cluster may be cancelled meanwhile,
+        # and a start cut short half way (a LocalCluster's scheduler up, its workers not)
+        # would leave processes nothing refers to, and the next job start another cluster.
+        await asyncio.shield(self._starting)
+
+    async def _start_or_connect(self) -> None:
+        if self.address and not await self._check_reachable():
+            raise EngineUnavailable(f"the {self.name} engine is unreachable: {self.problem}")
+        try:
+            await self._connect()
+        except Exception as exc:
+            self._mark_unreachable(f"could not start or connect: {type(exc).__name__}: {exc}")
+            raise EngineUnavailable(
+                f"the {self.name} engine is unreachable: {self.problem}"
+            ) from exc
+        self.connected = True
+        self.state = f"connected to {self.address}" if self.address else LOCAL
+        log.info("%s engine %s", self.name, self.state)
 
     async def _check_reachable(self) -> bool:
         problem = await probe(self.address, self.default_port)
@@ -435,9 +445,10 @@ class ClusterEngine:
         """Whether the connection made by ``_connect`` still serves."""
         return True
 
-    #: Whether every launch runs a new task, which begins a new attempt (Ray: the tasks of a
-    #: lost dispatcher die with it). Dask hands back the task of a key it still runs.
-    fresh_launch = False
+    async def _runs_anew(self, job: Job) -> bool:
+        """Whether launching ``job`` now runs a new task, which begins a new attempt, rather
+        than handing back a task of an earlier launch that may still run."""
+        return False
 
 
 # --- the dispatcher ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ from service.runner import error_of
 from service.settings import EngineSettings, Settings
 from service.worker_runtime import WorkerConfig, run_job_here
 from tasks import TaskSpec
+
+log = logging.getLogger("corefleet.dask")
 
 DASK_DASHBOARD = "127.0.0.1:8787"
 #: The reason a ``distributed.Client`` gives the futures it cancels when its connection to
@@ -108,7 +111,7 @@ class DaskEngine(ClusterEngine):
             # gateway that went away finds the task still there (see below) and waits for
             # it, rather than starting the job a second time; a retry comes by a new entry
             # and runs anew (under the same key Dask would hand back the finished task).
-            key=f"{job.task}-{job.id}-{job.entry}",
+            key=_key(job),
             retries=0,
             # Of the tasks waiting in Dask, its scheduler runs the higher priority first.
             priority=DASK_PRIORITY[job.priority],
@@ -119,6 +122,18 @@ class DaskEngine(ClusterEngine):
         # the next dispatcher starts the job again.
         fire_and_forget(future)  # type: ignore[no-untyped-call]  # untyped in distributed
         return future
+
+    async def _runs_anew(self, job: Job) -> bool:
+        # The scheduler hands back a task it still holds under the entry's key (one a lost
+        # gateway launched, still waiting or running); for a key it no longer holds (its
+        # workers, or the scheduler itself, went with that gateway) the launch runs anew.
+        key = _key(job)
+        try:
+            states = await self._client.scheduler.get_task_status(keys=[key])
+        except Exception as exc:  # no answer: as before, the record's running counts
+            log.warning("cannot ask Dask's scheduler about %s (%s)", key, exc)
+            return False
+        return states.get(key) is None
 
     async def _wait(self, handle: Any) -> None:
         from distributed import KilledWorker
@@ -147,6 +162,11 @@ class DaskEngine(ClusterEngine):
         task = asyncio.ensure_future(self._client.cancel([handle], force=True))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+
+
+def _key(job: Job) -> str:
+    """The Dask key of a job's delivery: one per queue entry (see ``_launch``)."""
+    return f"{job.task}-{job.id}-{job.entry}"
 
 
 #: Dask's priority (higher runs first) for each corefleet priority level.

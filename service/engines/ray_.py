@@ -129,7 +129,6 @@ class RayEngine(ClusterEngine):
     """Heavy jobs as Ray tasks, with the resources their task (or the job) asks for."""
 
     name = "ray"
-    fresh_launch = True  # a lost owner's tasks die with it: every launch runs anew
     default_port = 10001  # Ray Client's; a GCS address (host:6379) names its port
 
     def __init__(
@@ -273,6 +272,9 @@ class RayEngine(ClusterEngine):
                 raise CouldNotRun(JobError("InvalidResources", str(exc))) from exc
             self._flavours[flavour] = remote
         return remote.remote(job.id, job.entry)
+
+    async def _runs_anew(self, job: Job) -> bool:
+        return True  # a lost owner's tasks die with it: every launch runs a new task
 
     def _check_feasible(self, options: dict[str, Any]) -> None:
         """Fail a job no node of a local cluster could ever start: Ray would hold it for
