@@ -27,6 +27,10 @@ EVENTS = "cf:events"
 JOB = {"task": "io.echo", "args": [1]}
 
 
+#: States a job is not finished in: a retrying job runs again.
+_NOT_ENDED = ("queued", "running", "retrying")
+
+
 class Counter:
     def __init__(self) -> None:
         self.succeeded = 0
@@ -44,7 +48,7 @@ class Counter:
         # Cheap test instead of a JSON parse: the producer shares the CPUs it measures.
         if '"state":"succeeded"' in data:
             self.succeeded += 1
-        elif '"state":"running"' in data or '"state":"queued"' in data:
+        elif any(f'"state":"{state}"' in data for state in _NOT_ENDED):
             return
         else:
             self.other_terminal += 1

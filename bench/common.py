@@ -178,14 +178,14 @@ def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
 def cpu_by_role(
     before: Mapping[int, tuple[str, float]],
     after: Mapping[int, tuple[str, float]],
-    role: Callable[[str], str],
+    role: Callable[[int, str], str],
 ) -> dict[str, float]:
-    """CPU seconds used between two ``tree_cpu`` readings, summed by ``role(command)``;
+    """CPU seconds used between two ``tree_cpu`` readings, summed by ``role(pid, command)``;
     processes that started or ended in between are left out."""
     used: dict[str, float] = {}
     for pid, (command, cpu) in after.items():
         if pid in before:
-            name = role(command)
+            name = role(pid, command)
             used[name] = used.get(name, 0.0) + cpu - before[pid][1]
     return used
 
@@ -327,5 +327,16 @@ def save_results(name: str, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def verdict(ratio: float, target: float) -> str:
+def verdict(ratio: float, target: float, problem: str = "") -> str:
+    """The ratio against its target; ``problem`` (requests refused, results that did not
+    check out) makes it void: a system that fails fast must not look fast."""
+    if problem:
+        return f"{ratio:.2f} (NOT VALID: {problem})"
     return f"{ratio:.2f} ({'meets' if ratio >= target else 'BELOW'} target >= {target:g})"
+
+
+def unverified(runs: Iterable[Mapping[str, Any]], n: int) -> str:
+    """What is wrong with ``runs`` whose results were checked (``verified_results`` of
+    ``n``): "" when every result of every run was right."""
+    short = [int(run["verified_results"]) for run in runs if int(run["verified_results"]) != n]
+    return f"only {min(short)} of {n} results were right in a run" if short else ""

@@ -70,8 +70,11 @@ def _noop() -> int:
     return 1
 
 
-def _role(command: str) -> str:
-    """Which part of a system a process is, by its command line."""
+def _role(pid: int, command: str) -> str:
+    """Which part of a system a process is, by its command line (this process by its pid:
+    the bench may be started as ``-m bench`` or as ``bench/run.py``)."""
+    if pid == os.getpid():
+        return "this process (client / driver)"
     if "RayDispatcherActor" in command:
         return "Ray's dispatcher (actor)"
     if command.startswith("ray::"):  # Ray's workers name themselves after what they run
@@ -82,8 +85,6 @@ def _role(command: str) -> str:
         return "Ray's keeper"
     if "redis-server" in command:
         return "Redis"
-    if "-m bench" in command:
-        return "this process (client / driver)"
     return "Ray's daemons (raylet, GCS, agents)"
 
 

@@ -178,7 +178,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ["server", "median req/s", "runs req/s", "p50 ms", "p99 ms", "errors"],
         rows,
     )
-    print(f"corefleet / bare: {verdict(ratio, TARGET)}")
+    errors = sum(s["errors"] for s in summary.values())
+    problem = f"{errors} requests failed or were refused" if errors else ""
+    print(f"corefleet / bare: {verdict(ratio, TARGET, problem)}")
     return {
         "benchmark": NAME,
         "machine": info,
