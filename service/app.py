@@ -98,8 +98,10 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_post("/v1/jobs/batch", submit_batch)
     app.router.add_get("/v1/jobs/{id}", get_job)
-    app.router.add_get("/v1/jobs/{id}/events", job_events)
-    app.router.add_get("/v1/events", all_events)
+    # No HEAD: a stream has no end to answer a HEAD with, and would write its events into
+    # a response that must not have a body.
+    app.router.add_get("/v1/jobs/{id}/events", job_events, allow_head=False)
+    app.router.add_get("/v1/events", all_events, allow_head=False)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/queues", list_queues)
@@ -318,15 +320,16 @@ def _job_query(request: web.Request) -> JobQuery:
     return JobQuery(limit=int(raw_limit), cursor=cursor, **filters)
 
 
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+
+
 def _wait_seconds(request: web.Request) -> float:
     raw = request.query.get("wait")
     if raw is None:
         return 0.0
     limit = request.app[SETTINGS].gateway.max_wait_s
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
+    # Plain decimal digits only: float() also takes "1_0", full-width digits and spaces.
+    value = float(raw) if _SECONDS.fullmatch(raw) else -1.0
     if not 0 <= value <= limit:
         raise InvalidParameter(
             f"wait must be a number of seconds from 0 to {limit:g}",

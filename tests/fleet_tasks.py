@@ -343,3 +343,16 @@ def cpu_held_until_released(ctx: TaskContext) -> int:
     client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
     client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
     return ctx.attempt
+
+
+@task("test.sync_io_until_cancelled", kind="io")
+def sync_io_until_cancelled(ctx: TaskContext) -> None:
+    """A plain-def io task (a thread of the io worker) that polls ``ctx.cancelled()``; it
+    pushes ``test:saw-cancel:{job id}`` once it sees the cancel."""
+    client = _sync_redis()
+    client.rpush(f"test:started:{ctx.job_id}", ctx.attempt)
+    deadline = time.monotonic() + 30
+    while not ctx.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.05)  # sleep-ok: the point of the task: a loop that polls for its cancel
+    if ctx.cancelled():
+        client.rpush(f"test:saw-cancel:{ctx.job_id}", 1)

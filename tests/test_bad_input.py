@@ -247,6 +247,10 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
         ("/v1/jobs/" + "I" * 26, 400, "invalid_id"),
         ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=abc", 400, "invalid_parameter"),
         ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=99999", 400, "invalid_parameter"),
+        # float() reads these as 10, 5 and 1; they are not numbers as the API writes them.
+        ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=1_0", 400, "invalid_parameter"),
+        ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=%EF%BC%95", 400, "invalid_parameter"),
+        ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=%201", 400, "invalid_parameter"),
         ("/v1/nothing", 404, "not_found"),
     ],
 )
@@ -268,6 +272,15 @@ async def test_cancel_of_bad_ids(gateway: Gateway, redis: aioredis.Redis) -> Non
     got, body = await gateway.call("DELETE", "/v1/jobs/lowercase0000000000000000a")
     assert (got, body["error"]["code"]) == (400, "invalid_id")
     assert await _keys(redis) == before
+
+
+async def test_event_streams_take_no_head(gateway: Gateway) -> None:
+    """A stream has no end to answer HEAD with: it is a 405 (it used to write its events
+    into a response that must have no body, and never end)."""
+    job = await gateway.submit("io.echo", 1)
+    for path in ("/v1/events", f"/v1/jobs/{job['id']}/events"):
+        async with gateway.session.head(gateway.url + path) as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "GET"
 
 
 async def test_wrong_method_is_405_json(gateway: Gateway) -> None:

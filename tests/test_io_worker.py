@@ -9,7 +9,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from service import keys
-from service.engines.asyncio_ import StreamConsumer
+from service.engines.asyncio_ import StreamConsumer, ensure_group
 from service.settings import IoWorkerSettings, Settings
 from tests.conftest import Gateway, wait_state
 from tests.procs import Proc, env_with
@@ -110,3 +110,69 @@ async def test_entries_taken_but_not_started_are_handed_back_as_the_reader_stops
     assert consumer._parked == []
     idle = await redis.xpending_range(stream, keys.IO_GROUP, "-", "+", 10, idle=30_000)
     assert [item["message_id"] for item in idle] == [entry]
+
+
+async def _never(job_id: str, entry_id: str, fields: object) -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_cancel_before_a_jobs_first_step_frees_its_slot_and_entry(
+    redis: aioredis.Redis,
+) -> None:
+    """A cancel that reaches the worker in the very loop turn it took the job (before the
+    job's task ran a step) still frees the slot and acknowledges the entry. (The clean-up
+    was the task's own ``finally``, which such a cancel never reaches: the slot was lost
+    and the entry kept renewed by nobody's job.)"""
+    stream = keys.stream("early-cancel")
+    await redis.xgroup_create(stream, keys.IO_GROUP, id="0", mkstream=True)
+    entry = await redis.xadd(stream, {"id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"})
+    consumer = StreamConsumer(redis, _never, IoWorkerSettings(queues=("early-cancel",)))
+    await redis.xreadgroup(keys.IO_GROUP, consumer.name, {stream: ">"})
+    assert consumer._start(stream, entry, {"id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"})
+    consumer._on_cancel('{"id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "from": "queued"}')
+    for _ in range(100):
+        if not consumer.held and not consumer._acks:
+            break
+        await asyncio.sleep(0)  # sleep-ok: handing the loop turns to the task and its ack
+    assert consumer.held == 0
+    assert (await redis.xpending(stream, keys.IO_GROUP))["pending"] == 0
+    assert consumer.is_cancelled("01ARZ3NDEKTSV4RRFFQ69G5FAV")
+
+
+async def test_a_sync_io_task_sees_its_cancel(gateway: Gateway, redis: aioredis.Redis) -> None:
+    """A plain-def io task runs on a thread the cancel cannot stop; polling
+    ``ctx.cancelled()`` it sees the cancel (the mark went with the job's slot before)."""
+    job = await gateway.submit("test.sync_io_until_cancelled")
+    assert await redis.blpop([f"test:started:{job['id']}"], timeout=30) is not None
+    status, body = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and body["state"] == "cancelled"
+    assert await redis.blpop([f"test:saw-cancel:{job['id']}"], timeout=10) is not None
+
+
+async def test_a_silent_consumers_entry_behind_many_live_ones_is_reclaimed(
+    redis: aioredis.Redis,
+) -> None:
+    """Redis looks at ten times COUNT pending entries per XAUTOCLAIM: a worker with room
+    for one job sees ten. Behind more than ten entries of a live worker (renewed, so not
+    idle), a silent worker's entry is still reached: each look goes on from the last."""
+    stream = keys.stream("far-behind")
+    await ensure_group(redis, "far-behind")
+    for i in range(25):
+        await redis.xadd(stream, {"id": f"live-{i}"})
+    await redis.xreadgroup(keys.IO_GROUP, "live-worker", {stream: ">"})
+    silent = await redis.xadd(stream, {"id": "silent-job"})
+    await redis.xreadgroup(keys.IO_GROUP, "silent-worker", {stream: ">"})
+    # Idle for longer than the lease (1 s), as a dead worker's entry is.
+    await redis.xclaim(stream, keys.IO_GROUP, "silent-worker", 0, [silent], idle=60_000)
+    consumer = StreamConsumer(
+        redis, _never, IoWorkerSettings(queues=("far-behind",), concurrency=1, lease_s=1.0)
+    )
+    try:
+        for _ in range(5):
+            await consumer._reclaim()
+            if consumer.held:
+                break
+        assert [held[2] for held in consumer._held.values()] == [silent]
+    finally:
+        for task, _stream, _entry in list(consumer._held.values()):
+            task.cancel()

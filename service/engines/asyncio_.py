@@ -37,6 +37,8 @@ from tasks import PRIORITIES
 log = logging.getLogger("corefleet.io")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+#: How many cancelled jobs a consumer remembers past their end (see ``_ever_cancelled``).
+_CANCEL_MARKS = 10_000
 
 
 class AsyncioEngine:
@@ -149,9 +151,17 @@ class StreamConsumer:
         self.settings = settings
         self.name = name or consumer_name()
         # job id -> (asyncio task, stream, entry id) for every job this worker holds
-        self._held: dict[str, tuple[asyncio.Task[None], str, str]] = {}
+        self._held: dict[str, tuple[asyncio.Task[bool], str, str]] = {}
         #: Jobs this consumer holds that were cancelled, and the state they were in then.
         self._cancelled: dict[str, str] = {}
+        #: Jobs cancelled while held here, kept after their task ended: a sync task's
+        #: thread runs on past the cancel and polls ``ctx.cancelled()`` (a cancelled job
+        #: never runs again, so the mark stays true; the oldest are forgotten first).
+        self._ever_cancelled: dict[str, None] = {}
+        #: Acknowledgements under way, for the reader's end to wait for.
+        self._acks: set[asyncio.Task[None]] = set()
+        #: Per stream, where the next look for entries of silent consumers starts.
+        self._reclaim_from: dict[str, str] = {}
         #: Entries taken beyond the room there was (a blocking read can return one per
         #: stream): held, and started before anything more is read, highest priority first.
         self._parked: list[tuple[str, str, dict[str, str]]] = []
@@ -164,7 +174,7 @@ class StreamConsumer:
 
     def is_cancelled(self, job_id: str) -> bool:
         """Whether a cancel for ``job_id`` reached this consumer while it held the job."""
-        return job_id in self._cancelled
+        return job_id in self._cancelled or job_id in self._ever_cancelled
 
     def cancelled_from(self, job_id: str) -> str | None:
         """The state ``job_id`` was cancelled in, if a cancel reached this consumer while it
@@ -196,10 +206,13 @@ class StreamConsumer:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            # Draining from now on: the lease keeper must not take back what is handed back.
+            self._draining = True
             await self._release_parked()
             # Held jobs keep their leases (nobody else runs them meanwhile) and their
             # cancels while they drain.
             await self._drain(grace_s)
+            await asyncio.gather(*self._acks, return_exceptions=True)
             for helper in helpers:
                 helper.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -297,31 +310,35 @@ class StreamConsumer:
         if not job_id:
             return False
         if job_id not in self._held:  # else: this worker already runs it
-            task = asyncio.create_task(self._run_one(stream, entry_id, job_id, fields or {}))
+            task = asyncio.create_task(self._run_one(entry_id, job_id, fields or {}))
             self._held[job_id] = (task, stream, entry_id)
+            # A callback, not the task's own finally: a cancel that comes before the task's
+            # first step ends it without running any of its code.
+            task.add_done_callback(lambda ended: self._ended(ended, job_id, stream, entry_id))
         return True
 
-    async def _run_one(
-        self, stream: str, entry_id: str, job_id: str, fields: Mapping[str, str]
-    ) -> None:
-        done = False
+    async def _run_one(self, entry_id: str, job_id: str, fields: Mapping[str, str]) -> bool:
+        """Run the job; whether its entry is done with (to be acknowledged)."""
         try:
             await self.execute(job_id, entry_id, fields)
-            done = True
-        except asyncio.CancelledError:
-            # A user's cancel is final (the record says cancelled); a shutdown is not, and
-            # the unacknowledged entry goes to another worker after the lease.
-            done = job_id in self._cancelled
-            if not done:
-                raise
         except Exception:
             log.exception("job %s could not be run; it will be delivered again", job_id)
-        finally:
-            self._held.pop(job_id, None)
-            self._cancelled.pop(job_id, None)
-            self._slot_freed.set()
-            if done:
-                await self._ack(stream, entry_id)
+            return False
+        return True
+
+    def _ended(self, task: asyncio.Task[bool], job_id: str, stream: str, entry_id: str) -> None:
+        held = self._held.get(job_id)
+        if held is not None and held[0] is task:
+            del self._held[job_id]
+        cancelled_from = self._cancelled.pop(job_id, None)
+        self._slot_freed.set()
+        # Cancelled: by a user, final (the record says cancelled); by a shutdown, not (the
+        # unacknowledged entry goes to another worker after the lease).
+        done = cancelled_from is not None if task.cancelled() else task.result()
+        if done:
+            ack = asyncio.ensure_future(self._ack(stream, entry_id))
+            self._acks.add(ack)
+            ack.add_done_callback(self._acks.discard)
 
     async def _ack(self, stream: str, entry_id: str) -> None:
         try:
@@ -339,8 +356,14 @@ class StreamConsumer:
             return
         held = self._held.get(job_id)
         if held is not None:
-            self._cancelled[job_id] = before
+            self._mark_cancelled(job_id, before)
             held[0].cancel()
+
+    def _mark_cancelled(self, job_id: str, before: str) -> None:
+        self._cancelled[job_id] = before
+        self._ever_cancelled[job_id] = None
+        if len(self._ever_cancelled) > _CANCEL_MARKS:
+            del self._ever_cancelled[next(iter(self._ever_cancelled))]
 
     def _on_cancels_subscribed(self) -> None:
         """A cancel published while the subscription was down never arrives: look at the
@@ -365,7 +388,7 @@ class StreamConsumer:
             if state == JobState.CANCELLED.value and entry and job_id not in self._cancelled:
                 # The state it was cancelled in, as far as the record tells: begun or not.
                 before = JobState.RUNNING if started_at else JobState.QUEUED
-                self._cancelled[job_id] = before.value
+                self._mark_cancelled(job_id, before.value)
                 entry[0].cancel()
 
     async def _keep_leases(self) -> None:
@@ -403,9 +426,14 @@ class StreamConsumer:
             free = self.settings.concurrency - len(self._held) - len(self._parked)
             if free <= 0:
                 return
+            # From where the last look ended: Redis looks at ten times COUNT entries per
+            # call, and from the start each time a worker with little room would see only
+            # the oldest entries, those of live workers' long jobs, never a silent one's.
+            start = self._reclaim_from.get(stream, "0-0")
             reply = await self.redis.xautoclaim(
-                stream, keys.IO_GROUP, self.name, min_idle, "0-0", count=min(free, 512)
+                stream, keys.IO_GROUP, self.name, min_idle, start, count=min(free, 512)
             )
+            self._reclaim_from[stream] = str(reply[0])
             for entry_id, fields in reply[1]:
                 log.info("reclaimed %s from a silent consumer", entry_id)
                 if not self._start(stream, entry_id, fields):
