@@ -15,6 +15,15 @@ def _saxpy_kernel(a: Any, x: Any, y: Any, out: Any) -> None:
 
 
 def saxpy_cuda(a: Any, x: Any, y: Any) -> Any:
+    try:
+        return _saxpy_on_device(a, x, y)
+    finally:
+        # Numba frees device arrays in batches, late; a worker child runs job after job,
+        # and a job of the other allocator (CuPy's) could find the device full.
+        cuda.current_context().deallocations.clear()  # type: ignore[no-untyped-call]  # numba
+
+
+def _saxpy_on_device(a: Any, x: Any, y: Any) -> Any:
     d_x, d_y = cuda.to_device(x), cuda.to_device(y)
     d_out = cuda.device_array_like(d_x)  # type: ignore[no-untyped-call]  # untyped in numba
     threads = 256

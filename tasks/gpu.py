@@ -58,6 +58,30 @@ def _inputs(n: int, dtype: str, seed: int) -> tuple[Any, Any]:
     return (rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype))
 
 
+def _matmul_on_device(cp: Any, a: Any, b: Any, repeat: int) -> tuple[float, float]:
+    """The checksum of ``a @ b`` on the device and the seconds ``repeat`` products took;
+    the device arrays are let go on return."""
+    da, db = cp.asarray(a), cp.asarray(b)
+    dc = da @ db  # warm-up: loads the cuBLAS kernels outside the timing
+    cp.cuda.Device().synchronize()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        dc = da @ db
+    cp.cuda.Device().synchronize()
+    elapsed = time.perf_counter() - started
+    return float(dc.sum(dtype=cp.float64)), elapsed
+
+
+def _free_device_memory(cp: Any) -> None:
+    """Hand back to the device what this job's arrays held. A worker child runs job after
+    job, and CuPy keeps freed blocks (and FFT plans with their work areas) for the next:
+    a big job's peak would stay taken, and a job of the other allocator (Numba's) could
+    run out of memory on an idle device."""
+    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_pinned_memory_pool().free_all_blocks()
+    cp.fft.config.get_plan_cache().clear()
+
+
 @task("gpu.matmul", kind="gpu", timeout_s=600)
 def matmul(n: int, dtype: str = "float32", repeat: int = 10, seed: int = 0) -> dict[str, Any]:
     """C = A @ B for seeded n x n matrices, ``repeat`` times; checksum and TFLOP/s."""
@@ -66,15 +90,11 @@ def matmul(n: int, dtype: str = "float32", repeat: int = 10, seed: int = 0) -> d
     a, b = _inputs(n, dtype, seed)
     cp = _cupy()
     if cp is not None:
-        da, db = cp.asarray(a), cp.asarray(b)
-        dc = da @ db  # warm-up: loads the cuBLAS kernels outside the timing
-        cp.cuda.Device().synchronize()
-        started = time.perf_counter()
-        for _ in range(repeat):
-            dc = da @ db
-        cp.cuda.Device().synchronize()
-        elapsed = time.perf_counter() - started
-        checksum, device = float(dc.sum(dtype=cp.float64)), _device_name(cp)
+        try:
+            checksum, elapsed = _matmul_on_device(cp, a, b, repeat)
+        finally:
+            _free_device_memory(cp)
+        device = _device_name(cp)
     elif _fallback():
         import numpy as np
 
@@ -109,7 +129,10 @@ def fft(n: int, seed: int = 0) -> dict[str, Any]:
     x = rng.standard_normal(n) + 1j * rng.standard_normal(n)
     cp = _cupy()
     if cp is not None:
-        spectrum = cp.asnumpy(cp.fft.fft(cp.asarray(x)))
+        try:
+            spectrum = cp.asnumpy(cp.fft.fft(cp.asarray(x)))
+        finally:
+            _free_device_memory(cp)
         device = _device_name(cp)
     elif _fallback():
         spectrum, device = np.fft.fft(x), "cpu"

@@ -498,4 +498,6 @@ def test_gpu_image_installs_the_gpu_extra() -> None:
         for word, args in dockerfile_instructions(DOCKERFILES["docker/Dockerfile.gpu"])
         if word == "ARG" and args.startswith("CUDA_IMAGE=")
     ]
-    assert bases and re.match(r"CUDA_IMAGE=nvidia/cuda:12\.[\d.]+-runtime-", bases[0])
+    # The devel image: CuPy's run-time kernel compiler needs CUDA's headers, and Numba's
+    # CUDA target NVVM; NVIDIA's runtime image has neither.
+    assert bases and re.match(r"CUDA_IMAGE=nvidia/cuda:12\.[\d.]+-devel-", bases[0])

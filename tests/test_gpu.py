@@ -37,16 +37,21 @@ async def test_without_a_gpu_worker_jobs_wait_and_require_worker_is_refused(
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "queued"
 
 
+#: Device UUIDs no GPU has: CUDA sees no device through them.
+FAKE_GPUS = ("GPU-00000000-0000-0000-0000-00000000000a", "GPU-00000000-0000-0000-0000-00000000000b")
+
+
 class GpuWorker:
     def __init__(self, redis_server: RedisServer, data_dir: str) -> None:
-        # Two "visible" devices on a host without any: the pinning is what is tested.
+        # Two "visible" devices that exist on no host (so the CPU fallback runs, whether
+        # this host has GPUs or not): the pinning is what is tested.
         env = env_with(
             COREFLEET_REDIS_URL=redis_server.url,
             COREFLEET_TASK_MODULES=TEST_TASKS,
             COREFLEET_DATA_DIR=data_dir,
             COREFLEET_GPU_FALLBACK="cpu",
             COREFLEET_LOG_LEVEL="WARNING",
-            CUDA_VISIBLE_DEVICES="0,1",
+            CUDA_VISIBLE_DEVICES=",".join(FAKE_GPUS),
         )
         self.proc = Proc(["worker", "--gpu"], env)
 
@@ -68,7 +73,7 @@ async def test_each_child_is_pinned_to_its_own_device(
     jobs = [await gateway.submit("test.gpu_env") for _ in range(12)]
     results = [(await gateway.wait(j["id"], 60))["result"] for j in jobs]
     pinned = {r["pid"]: r["device"] for r in results}
-    assert set(pinned.values()) <= {"0", "1"}
+    assert set(pinned.values()) <= set(FAKE_GPUS)
     assert len(pinned) == len(set(pinned.values()))  # never two devices for one child
     children = process_tree(gpu_worker.proc.pid) - {gpu_worker.proc.pid}
     assert len(children) == 2 and set(pinned) <= children
@@ -82,7 +87,7 @@ async def test_workers_report_their_devices(
     _status, body = await gateway.call("GET", "/v1/queues")
     gpu = body["engines"]["celery"]["queues"]["gpu"]
     assert gpu["workers"] == 1 and gpu["cpu_fallback"] is True
-    assert sorted(d["id"] for d in gpu["devices"]) == ["0", "1"]
+    assert sorted(d["id"] for d in gpu["devices"]) == sorted(FAKE_GPUS)
     job = await gateway.call(
         "POST",
         "/v1/jobs",

@@ -34,3 +34,17 @@ def test_fft_and_saxpy_on_the_device_match_numpy() -> None:
     got = saxpy(100_000, 1.5, 3)
     expected = float((np.float32(1.5) * xs + ys).sum(dtype=np.float64))
     assert got["device"] != "cpu" and got["checksum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_job_leaves_no_device_memory_held() -> None:
+    """A worker child runs job after job: what a job's arrays held goes back to the device
+    (CuPy kept its peak in its pool, and Numba frees late), so the next job, of either
+    library, finds the device as it was."""
+    cp = _cupy()
+    matmul(2048, "float32", 2, 0)
+    fft(1 << 20, 0)
+    assert cp.get_default_memory_pool().total_bytes() == 0
+    from numba import cuda
+
+    saxpy(1 << 22, 2.0, 0)
+    assert len(cuda.current_context().deallocations._cons) == 0
