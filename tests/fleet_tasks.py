@@ -109,13 +109,19 @@ def ray_hold(seconds: float, ctx: TaskContext) -> int:
     return ctx.attempt
 
 
-@task("test.ray_gate", kind="heavy", max_retries=0)
-def ray_gate(ctx: TaskContext) -> int:
-    """Record this attempt, wait until the test releases the job, return the attempt."""
+def _gate(ctx: TaskContext) -> int:
+    """Record this attempt (``test:started:{job id}``, "attempt:pid"), hold until the test
+    pushes ``test:release:{job id}``; the attempt number."""
     client = _sync_redis()
     client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
     client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
     return ctx.attempt
+
+
+@task("test.ray_gate", kind="heavy", max_retries=0)
+def ray_gate(ctx: TaskContext) -> int:
+    """``_gate`` in a Ray task."""
+    return _gate(ctx)
 
 
 @task("test.ray_note", kind="heavy")
@@ -132,11 +138,8 @@ def ray_boom(message: str) -> None:
 
 @task("test.dask_gate", kind="heavy", engine="dask")
 def dask_gate(ctx: TaskContext) -> int:
-    """Record this attempt, wait until the test releases the job, return the attempt."""
-    client = _sync_redis()
-    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
-    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
-    return ctx.attempt
+    """``_gate`` in a Dask task."""
+    return _gate(ctx)
 
 
 @task("test.dask_boom", kind="heavy", engine="dask")
@@ -337,12 +340,8 @@ async def odd_defaults(every: float = float("inf"), when: object = timedelta(sec
 
 @task("test.cpu_held_until_released", kind="cpu")
 def cpu_held_until_released(ctx: TaskContext) -> int:
-    """Say it started (``test:started:{job id}``), hold its child until the test pushes
-    ``test:release:{job id}``; the attempt number."""
-    client = _sync_redis()
-    client.rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
-    client.blpop([f"test:release:{ctx.job_id}"], timeout=120)
-    return ctx.attempt
+    """``_gate`` in a Celery child."""
+    return _gate(ctx)
 
 
 @task("test.sync_io_until_cancelled", kind="io")

@@ -504,66 +504,35 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
     assert saw is not None and saw[1] == "True"
 
 
+@pytest.mark.parametrize(("engine", "queue"), [("ray", "heavy"), ("dask", "dask")])
 async def test_a_taken_over_jobs_time_limit_starts_with_its_new_attempt(
-    heavy_gateway: Gateway, redis: aioredis.Redis
+    heavy_gateway: Gateway, redis: aioredis.Redis, engine: str, queue: str
 ) -> None:
-    """A Ray job taken over from a lost dispatcher still says running (the lost attempt)
-    as it is launched again: its time limit starts when the new attempt begins, not then.
-    Here the new attempt waits for a free Ray CPU for longer than the limit, and still runs."""
-    blockers = [await heavy_gateway.submit("test.ray_gate") for _ in range(2)]
-    for blocker in blockers:  # both Ray CPUs are taken
+    """A job taken over from a lost dispatcher still says running (the lost attempt) as it
+    is launched again: its time limit starts when the new attempt begins, not then. (Ray:
+    the lost dispatcher's tasks died with it; Dask: the scheduler no longer holds the lost
+    launch's task, its workers having gone with that gateway.) Here the new attempt waits
+    for a free CPU for longer than the limit, and still runs."""
+    task = f"test.{engine}_gate"
+    blockers = [await heavy_gateway.submit(task) for _ in range(2)]
+    for blocker in blockers:  # both CPUs (Ray's, Dask's workers) are taken
         assert await redis.blpop([f"test:started:{blocker['id']}"], timeout=60) is not None
     # The job as a lost dispatcher left it: its first attempt running, its entry not acked.
     store = JobStore(redis, 3600, group_commit=False)
     job = Job(
         id=ids.new_id(),
-        task="test.ray_gate",
+        task=task,
         kind="heavy",
-        engine="ray",
-        queue="heavy",
+        engine=engine,
+        queue=queue,
         max_attempts=3,
         timeout_s=1.0,
     )
     await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
     entry = f"{int(time.time() * 1000) + 1000}-0"  # after every entry there is
     assert (await store.begin(job.id, "lost-worker", entry)).job is not None
-    await redis.xadd(keys.stream("heavy"), {"id": job.id}, id=entry)
+    await redis.xadd(keys.stream(queue), {"id": job.id}, id=entry)
     # Past the limit and its grace, waiting for a CPU: not failed.
-    with pytest.raises(TimeoutError):
-        await wait_state(redis, job.id, "failed", within=3)
-    for blocker in blockers:
-        await redis.rpush(f"test:release:{blocker['id']}", "go")
-    assert await redis.blpop([f"test:started:{job.id}"], timeout=60) is not None
-    await redis.rpush(f"test:release:{job.id}", "go")
-    done = await heavy_gateway.wait(job.id, 30)
-    assert (done["state"], done["attempts"], done["result"]) == ("succeeded", 2, 2), done
-
-
-async def test_a_taken_over_dask_jobs_time_limit_starts_with_its_new_task(
-    heavy_gateway: Gateway, redis: aioredis.Redis
-) -> None:
-    """A Dask job taken over from a lost gateway, whose task the scheduler no longer holds
-    (its workers went with that gateway), still says running as it is launched again: its
-    time limit starts when the new task begins. Here that task waits for a free worker for
-    longer than the limit, and still runs."""
-    blockers = [await heavy_gateway.submit("test.dask_gate") for _ in range(2)]
-    for blocker in blockers:  # both Dask workers are taken
-        assert await redis.blpop([f"test:started:{blocker['id']}"], timeout=60) is not None
-    store = JobStore(redis, 3600, group_commit=False)
-    job = Job(
-        id=ids.new_id(),
-        task="test.dask_gate",
-        kind="heavy",
-        engine="dask",
-        queue="dask",
-        max_attempts=3,
-        timeout_s=1.0,
-    )
-    await store.create([job], lambda j: Dispatch("xadd", "cf:stream:nobody-reads", j.id))
-    entry = f"{int(time.time() * 1000) + 1000}-0"  # after every entry there is
-    assert (await store.begin(job.id, "lost-worker", entry)).job is not None
-    await redis.xadd(keys.stream("dask"), {"id": job.id}, id=entry)
-    # Past the limit and its grace, waiting for a worker: not failed.
     with pytest.raises(TimeoutError):
         await wait_state(redis, job.id, "failed", within=3)
     for blocker in blockers:
