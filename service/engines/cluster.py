@@ -380,7 +380,8 @@ class ClusterEngine:
             return
         if self._starting is None or self._starting.done():
             self._starting = asyncio.ensure_future(self._start_or_connect())
-            # Read, so that a start nobody waits for any more does not log its error twice.
+            # Its error is read here too: a start nobody waits for any more (its job was
+            # cancelled) would otherwise be logged by asyncio as never retrieved.
             self._starting.add_done_callback(lambda done: done.cancelled() or done.exception())
         # Shielded: the job that happened to start the cluster may be cancelled meanwhile,
         # and a start cut short half way (a LocalCluster's scheduler up, its workers not)
