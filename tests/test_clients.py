@@ -204,7 +204,7 @@ class _Hangup:
                 return  # closed
             with conn:
                 data = b""
-                while b"\r\n\r\n" not in data:
+                while not self._whole(data):
                     got = conn.recv(65536)
                     if not got:
                         break
@@ -212,6 +212,19 @@ class _Hangup:
                 self.requests.append(data.split(b"\r\n", 1)[0])
                 if self.answer:
                     conn.sendall(self.answer)
+
+    @staticmethod
+    def _whole(data: bytes) -> bool:
+        """Whether ``data`` holds a whole request, its body included: a socket closed with
+        bytes unread is reset, not closed, and the client would see that instead."""
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                return len(body) >= int(value)
+        return True
 
     def close(self) -> None:
         self.sock.close()
