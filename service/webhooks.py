@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service import ids, keys
-from service.engines.asyncio_ import consumer_name, create_group
+from service.engines.asyncio_ import consumer_name, create_group, leave_group
 from service.errors import InvalidBody
 from service.settings import DEFAULT_PORTS, WebhookSettings, webhook_addresses
 from service.store import LUA_DIR, JobStore
@@ -164,6 +164,8 @@ class WebhookSender:
                 for sending in self._sending.values():
                     sending.cancel()
                 await asyncio.gather(*self._sending.values(), return_exceptions=True)
+                with contextlib.suppress(RedisError, OSError):
+                    await leave_group(self.redis, [keys.WEBHOOKS], GROUP, self.name)
 
     async def _serve(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -9,7 +9,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from service import keys
-from service.engines.asyncio_ import StreamConsumer, ensure_group
+from service.engines.asyncio_ import StreamConsumer, ensure_group, leave_group
 from service.settings import IoWorkerSettings, Settings
 from tests.conftest import Gateway, wait_state
 from tests.procs import Proc, env_with
@@ -176,3 +176,39 @@ async def test_a_silent_consumers_entry_behind_many_live_ones_is_reclaimed(
     finally:
         for task, _stream, _entry in list(consumer._held.values()):
             task.cancel()
+
+
+async def _consumers(redis: aioredis.Redis, queue: str) -> set[str]:
+    names: set[str] = set()
+    for stream in keys.streams(queue):
+        names |= {c["name"] for c in await redis.xinfo_consumers(stream, keys.IO_GROUP)}
+    return names
+
+
+async def test_a_stopping_worker_leaves_its_group_unless_it_holds_an_entry(
+    redis: aioredis.Redis,
+) -> None:
+    """Each process's consumer name is new: one that stops takes itself out of the group
+    (which grew by one entry per start, for good), unless it still holds an entry, which
+    would then never be delivered again."""
+    await ensure_group(redis, "leaving")
+    done = asyncio.Event()
+
+    async def run_it(job_id: str, entry_id: str, fields: object) -> None:
+        done.set()
+
+    consumer = StreamConsumer(redis, run_it, IoWorkerSettings(queues=("leaving",)))
+    await redis.xadd(keys.stream("leaving"), {"id": "01ARZ3NDEKTSV4RRFFQ69G5FAW"})
+    stop = asyncio.Event()
+    running = asyncio.create_task(consumer.run(stop, grace_s=1))
+    await asyncio.wait_for(done.wait(), 30)  # it read (and so joined the group) and ran it
+    stop.set()
+    await asyncio.wait_for(running, 30)
+    assert consumer.name not in await _consumers(redis, "leaving")
+    # One holding an entry stays in the group, with its entry.
+    stream = keys.stream("leaving")
+    await redis.xadd(stream, {"id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"})
+    await redis.xreadgroup(keys.IO_GROUP, "holder", {stream: ">"})
+    await leave_group(redis, keys.streams("leaving"), keys.IO_GROUP, "holder")
+    assert "holder" in await _consumers(redis, "leaving")
+    assert (await redis.xpending(stream, keys.IO_GROUP))["pending"] == 1

@@ -37,6 +37,7 @@ from tasks import PRIORITIES
 log = logging.getLogger("corefleet.io")
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+_LEAVE_GROUP = (LUA_DIR / "leave_group.lua").read_text()
 #: How many cancelled jobs a consumer remembers past their end (see ``_ever_cancelled``).
 _CANCEL_MARKS = 10_000
 
@@ -78,6 +79,12 @@ async def ensure_group(redis: aioredis.Redis, queue: str) -> None:
     """Create the consumer group of each of the queue's streams (one per priority)."""
     for stream in keys.streams(queue):
         await create_group(redis, stream, keys.IO_GROUP)
+
+
+async def leave_group(redis: aioredis.Redis, streams: list[str], group: str, consumer: str) -> None:
+    """Take a stopping consumer out of ``group`` on ``streams`` where it holds no entry
+    (see leave_group.lua)."""
+    await redis.eval(_LEAVE_GROUP, len(streams), *streams, group, consumer)  # type: ignore[misc]
 
 
 async def create_group(redis: aioredis.Redis, stream: str, group: str) -> None:
@@ -218,6 +225,7 @@ class StreamConsumer:
             await asyncio.gather(*helpers, return_exceptions=True)
             with contextlib.suppress(*_REDIS_DOWN):
                 await presence.leave(self.redis, self.name, self.settings.queues)
+                await leave_group(self.redis, self._streams(), keys.IO_GROUP, self.name)
 
     async def _read(self, stop: asyncio.Event) -> None:
         streams = self._streams()
