@@ -243,7 +243,8 @@ def _check_queue(registry: Registry, spec: TaskSpec, queue: str) -> None:
             f"options.queue {queue!r} carries {owner} jobs; {spec.name} runs on {spec.engine}",
             {"queue": queue, "engine": spec.engine},
         )
-    if spec.engine in DEFAULT_QUEUES and queue not in (known := queues_of(registry, spec.engine)):
+    if owner is None and spec.engine in DEFAULT_QUEUES:  # a cluster queue no task declares
+        known = queues_of(registry, spec.engine)
         raise InvalidBody(
             f"options.queue {queue!r} is read by no {spec.engine} dispatcher; its queues are "
             f"those its tasks declare: {', '.join(known)}",

@@ -94,13 +94,7 @@ class TaskSpec:
         """Where ``ctx`` sits among the positional parameters (``def f(ctx, n)``: 0), for
         the runner to put it between the caller's positional arguments; None where it can
         only be passed by keyword."""
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        for index, param in enumerate(_full_signature(self.fn).parameters.values()):
-            if param.kind not in positional:
-                return None
-            if param.name == "ctx":
-                return index
-        return None
+        return _ctx_index(self.fn)
 
     @property
     def max_attempts(self) -> int:
@@ -211,6 +205,8 @@ class Registry:
 
     def __init__(self, specs: Iterable[TaskSpec] = ()) -> None:
         self._specs: dict[str, TaskSpec] = {}
+        #: Per queue a task declares, the first such task: every other's engine must match.
+        self._queue_owners: dict[str, TaskSpec] = {}
         #: Modules ``load_available`` could not import, with why.
         self.import_errors: dict[str, Exception] = {}
         for spec in specs:
@@ -247,13 +243,13 @@ class Registry:
         existing = self._specs.get(spec.name)
         if existing is not None and existing.fn is not spec.fn:
             raise ValueError(f"two tasks are named {spec.name!r}")
-        for other in self._specs.values():
-            # Each engine reads its own queues: a shared one would hand jobs to the wrong one.
-            if other.queue == spec.queue and other.engine != spec.engine:
-                raise ValueError(
-                    f"queue {spec.queue!r} would carry both {other.engine} jobs ({other.name}) "
-                    f"and {spec.engine} jobs ({spec.name}); give one of them another queue"
-                )
+        other = self._queue_owners.setdefault(spec.queue, spec)
+        # Each engine reads its own queues: a shared one would hand jobs to the wrong one.
+        if other.engine != spec.engine:
+            raise ValueError(
+                f"queue {spec.queue!r} would carry both {other.engine} jobs ({other.name}) "
+                f"and {spec.engine} jobs ({spec.name}); give one of them another queue"
+            )
         self._specs[spec.name] = spec
 
     def get(self, name: str) -> TaskSpec | None:
@@ -262,9 +258,9 @@ class Registry:
     def engine_of_queue(self, queue: str) -> str | None:
         """The engine whose jobs ``queue`` carries (a kind's default queue, or one a task
         declares); None for a queue no task names."""
-        for spec in self._specs.values():
-            if spec.queue == queue:
-                return spec.engine
+        owner = self._queue_owners.get(queue)
+        if owner is not None:
+            return owner.engine
         return DEFAULT_ENGINE.get(queue) or ("dask" if queue == DASK_QUEUE else None)
 
     def __iter__(self) -> Iterator[TaskSpec]:
@@ -284,6 +280,17 @@ def _full_signature(fn: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(fn, eval_str=True)
     except NameError:  # an annotation that does not resolve: show it as written
         return inspect.signature(fn)
+
+
+@functools.cache
+def _ctx_index(fn: Callable[..., Any]) -> int | None:
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    for index, param in enumerate(_full_signature(fn).parameters.values()):
+        if param.kind not in positional:
+            return None
+        if param.name == "ctx":
+            return index
+    return None
 
 
 @functools.cache
