@@ -164,6 +164,9 @@ class EngineSettings:
     #: priorities order them (Ray runs what it holds in its own order). 0: four per CPU
     #: of the cluster, at least 8.
     ray_in_flight: int = 0
+    #: Ray actors kept between heavy jobs of one shape (the resources they ask for), so
+    #: that such a job skips Ray's worker lease; 0: every job is a Ray task.
+    ray_warm_runners: int = 4
     #: A Dask scheduler (``tcp://host:8786``); empty: a LocalCluster.
     dask_address: str = ""
     #: Worker processes of a local Dask cluster (0: one per core).
@@ -282,6 +285,7 @@ class Settings:
             ray_dashboard=_bool(env, "COREFLEET_RAY_DASHBOARD", False),
             ray_task_events=_bool(env, "COREFLEET_RAY_TASK_EVENTS", False),
             ray_in_flight=_int(env, "COREFLEET_RAY_IN_FLIGHT", 0),
+            ray_warm_runners=_int(env, "COREFLEET_RAY_WARM_RUNNERS", 4),
             dask_address=env.get("COREFLEET_DASK_ADDRESS", ""),
             dask_workers=_int(env, "COREFLEET_DASK_WORKERS", 0),
             gpu_fallback=env.get("COREFLEET_GPU_FALLBACK", ""),

@@ -124,6 +124,14 @@ def ray_gate(ctx: TaskContext) -> int:
     return _gate(ctx)
 
 
+@task("test.ray_where", kind="heavy", max_retries=0)
+def ray_where() -> dict[str, Any]:
+    """Where this job runs: the Ray actor (a warm runner; None in a Ray task) and the pid."""
+    import ray
+
+    return {"actor": ray.get_runtime_context().get_actor_id(), "pid": os.getpid()}
+
+
 @task("test.ray_note", kind="heavy")
 def ray_note(label: str) -> None:
     """Append ``label`` to ``test:ray-order``: the order Ray jobs ran in."""

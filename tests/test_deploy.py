@@ -389,13 +389,14 @@ def test_settings_pass_through_from_the_shell() -> None:
         COREFLEET_WEBHOOK_TIMEOUT_S="3",
         COREFLEET_WEBHOOK_FIRST_RETRY_S="2",
         COREFLEET_RAY_IN_FLIGHT="16",
+        COREFLEET_RAY_WARM_RUNNERS="0",
         COREFLEET_IO_QUEUES="io,bulk",
     )
     gateway = Settings.from_env(config["services"]["gateway"]["environment"])
     io_worker = Settings.from_env(config["services"]["io-worker"]["environment"])
     assert (gateway.max_queue_length, gateway.idempotency_ttl_s) == (100, 60)
     assert (gateway.webhooks.timeout_s, gateway.webhooks.first_retry_s) == (3.0, 2.0)
-    assert gateway.engines.ray_in_flight == 16
+    assert (gateway.engines.ray_in_flight, gateway.engines.ray_warm_runners) == (16, 0)
     assert io_worker.io.queues == ("io", "bulk")
 
 

@@ -27,10 +27,12 @@ from service import ids, keys
 from service.engines.cluster import DISPATCH_CONCURRENCY, ClusterEngine, ray_options
 from service.engines.ray_ import start_ray
 from service.engines.ray_dispatcher import MIN_IN_FLIGHT, ensure_dispatcher, in_flight_for
+from service.engines.ray_runners import Runner, WarmRunners, shape_of
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import EngineSettings, Settings
 from service.store import Dispatch, JobStore
+from service.worker_runtime import WorkerConfig
 from tasks.heavy import block_sizes, pi_chunk, random_block, seeded_matrices, split
 from tests.conftest import Gateway, start_gateway, wait_gone, wait_state
 from tests.procs import (
@@ -129,6 +131,99 @@ async def test_cancelling_a_running_ray_job_kills_its_ray_task(
     assert status == 200 and record["state"] == "cancelled"
     await wait_gone(pid)  # ray.cancel(force=True) killed the Ray worker process
     assert await redis.hget(f"cf:job:{job['id']}", "state") == "cancelled"
+
+
+async def _warm_runner(gateway: Gateway, resources: dict[str, float]) -> dict[str, Any]:
+    """Run ``test.ray_where`` jobs of ``resources`` one after another until one runs in a
+    warm runner; where it ran. The first runs as a Ray task: a lone job starts no runner.
+    Until the runner's process is up (seconds, here), the jobs go as Ray tasks."""
+    where: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = await gateway.submit("test.ray_where", resources=resources)
+        done = await gateway.wait(job["id"])
+        assert done["state"] == "succeeded", done
+        where.append(done["result"])
+        if where[-1]["actor"] is not None:
+            break
+    assert where[0]["actor"] is None, where
+    assert where[-1]["actor"] is not None, where
+    return where[-1]
+
+
+async def test_jobs_of_one_shape_in_a_row_go_to_a_warm_runner(heavy_gateway: Gateway) -> None:
+    """Jobs asking for the same resources, one after another, reach a warm runner (a Ray
+    actor, no worker lease per job), and keep reaching the same one; a job of another shape
+    does not."""
+    shape = {"num_cpus": 0.5}
+    runner = await _warm_runner(heavy_gateway, shape)
+    for _ in range(3):
+        job = await heavy_gateway.submit("test.ray_where", resources=shape)
+        assert (await heavy_gateway.wait(job["id"]))["result"] == runner
+    other = await heavy_gateway.submit("test.ray_where", resources={"num_cpus": 0.4})
+    assert (await heavy_gateway.wait(other["id"]))["result"]["actor"] is None
+
+
+# A shape each, so that neither finds the other's runner.
+@pytest.mark.parametrize(("stop", "cpus"), [("cancel", 0.25), ("time limit", 0.3)])
+async def test_a_running_job_in_a_warm_runner_is_killed_with_it(
+    heavy_gateway: Gateway, redis: aioredis.Redis, stop: str, cpus: float
+) -> None:
+    """A cancel or a time limit kills the warm runner running the job (Ray refuses
+    force=True for actor tasks); the job ends as it would in a Ray task, and the next job
+    of its shape runs."""
+    shape = {"num_cpus": cpus}
+    runner = await _warm_runner(heavy_gateway, shape)
+    options: dict[str, Any] = {"resources": shape}
+    if stop == "time limit":
+        options["timeout_s"] = 0.5
+    job = await heavy_gateway.submit("test.ray_hold", 60, **options)
+    started = await redis.blpop([f"test:started:{job['id']}"], timeout=60)
+    assert started is not None
+    assert int(started[1].split(":")[1]) == runner["pid"]  # it runs in the runner
+    if stop == "cancel":
+        status, record = await heavy_gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+        assert status == 200 and record["state"] == "cancelled"
+    else:
+        done = await heavy_gateway.wait(job["id"])
+        assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded"
+    await wait_gone(runner["pid"])
+    after = await heavy_gateway.submit("test.ray_where", resources=shape)
+    done = await heavy_gateway.wait(after["id"])
+    assert done["state"] == "succeeded" and done["result"]["pid"] != runner["pid"], done
+
+
+async def test_an_idle_warm_runner_gives_its_resources_back(heavy_gateway: Gateway) -> None:
+    """A warm runner holds its CPU only while jobs keep coming: once idle it ends, and a
+    job asking for every CPU of the cluster starts."""
+    # A shape of its own (other tests' jobs ask for one CPU too).
+    runner = await _warm_runner(heavy_gateway, {"num_cpus": 1, "memory": 2**20})
+    whole = await heavy_gateway.submit("test.ray_where", resources={"num_cpus": 2})
+    done = await heavy_gateway.wait(whole["id"], 60)
+    assert done["state"] == "succeeded", done
+    await wait_gone(runner["pid"])
+
+
+def test_warm_runners_hold_at_most_half_of_each_resource() -> None:
+    """Runners together never hold more than half of any of the cluster's resources (Ray
+    tasks, a fan-out's children among them, find the rest), nor more runners than the
+    limit; a shape holding nothing needs only room under the limit."""
+    runners = WarmRunners(limit=3, task_events=False)
+    runners.config = WorkerConfig("redis://", 60, ())
+    runners.capacity = {"CPU": 4.0, "GPU": 1.0}
+    assert runners._room_for(shape_of({}))  # one CPU of four
+    assert runners._room_for(shape_of({"num_cpus": 2}))
+    assert not runners._room_for(shape_of({"num_cpus": 3}))
+    assert not runners._room_for(shape_of({"num_cpus": 0, "num_gpus": 1}))
+    assert runners._room_for(shape_of({"num_cpus": 0, "num_gpus": 0.5}))
+    assert not runners._room_for(shape_of({"memory": 1}))  # the cluster's memory is unknown
+    runners._runners.add(Runner(None, shape_of({"num_cpus": 1.5}), runners.config))
+    assert not runners._room_for(shape_of({}))
+    assert runners._room_for(shape_of({"num_cpus": 0.5}))
+    runners._runners.add(Runner(None, shape_of({"num_cpus": 0}), runners.config))
+    runners._runners.add(Runner(None, shape_of({"num_cpus": 0}), runners.config))
+    assert not runners._room_for(shape_of({"num_cpus": 0}))  # the limit
+    assert shape_of({}) == (("num_cpus", 1),)  # a Ray task's default, which an actor lacks
 
 
 async def _until_held(

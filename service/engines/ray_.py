@@ -13,9 +13,13 @@ launches a job itself, so a gateway restart leaves running Ray jobs alone. Insid
 actor (``in_cluster``) the engine launches each job as a Ray task, waits for it and
 interrupts it.
 
+Where jobs of one shape (the resources they ask for) follow each other, the dispatcher
+calls a warm runner, an actor of that shape, instead of launching a task
+(``ray_runners.py``): a task waits for a worker lease every time, an actor call does not.
+
 Cancel: a queued job never starts (the runner refuses a cancelled job, and a Ray task
 still waiting for a CPU is dropped); a running one is killed with
-``ray.cancel(force=True)``, child tasks included.
+``ray.cancel(force=True)``, child tasks included (in a warm runner, the runner is killed).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from service.engines.cluster import (
     ray_options,
 )
 from service.engines.ray_keeper import keeper_spec
+from service.engines.ray_runners import RAY_RESOURCES, RunnerCall, WarmRunners, shape_of
 from service.errors import EngineUnavailable
 from service.jobs import Job, JobError
 from service.runner import error_of
@@ -51,8 +56,6 @@ from tasks import TaskSpec
 log = logging.getLogger("corefleet.ray")
 
 RAY_DASHBOARD_PORT = 8265
-#: Ray's name of each resource a job may ask for.
-RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 #: How long a local Ray keeps an idle worker process beyond one per CPU.
 IDLE_WORKER_KEEP_MS = 60_000
 #: Ray task flavours (task and resources) a dispatcher keeps ready; ``.options()`` costs
@@ -144,6 +147,10 @@ class RayEngine(ClusterEngine):
         self._remote: Any = None
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._keeper: asyncio.subprocess.Process | None = None
+        #: Inside the dispatcher: the actors kept between jobs of a shape.
+        self.runners = WarmRunners(
+            settings.engines.ray_warm_runners, settings.engines.ray_task_events
+        )
 
     # the gateway's side ---------------------------------------------------------------------
 
@@ -248,10 +255,14 @@ class RayEngine(ClusterEngine):
         self.config = config
         self._remote = ray.remote(ray_task_for(config))
         self._flavours.clear()
+        self.runners.use(config)
 
     def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
         self._check_feasible(options)
+        warm = self.runners.call(shape_of(options), job.id, job.task, job.entry)
+        if warm is not None:
+            return warm
         flavour = (job.task, tuple(sorted(options.items())))
         remote = self._flavours.get(flavour)
         if remote is None:
@@ -303,7 +314,11 @@ class RayEngine(ClusterEngine):
         from ray.exceptions import RayTaskError
 
         try:
-            await asyncio.wrap_future(handle.future())
+            if isinstance(handle, RunnerCall):
+                # Shielded: a cancelled wait leaves the runner to finish (or be killed).
+                await asyncio.shield(handle.done)
+            else:
+                await asyncio.wrap_future(handle.future())
         except RayTaskError as exc:
             # The Ray task itself raised (the runner catches a task's own errors), e.g. the
             # worker cannot import the task's module. A lost worker raises other errors and
@@ -313,6 +328,12 @@ class RayEngine(ClusterEngine):
     def _interrupt(self, handle: Any, running: bool) -> None:
         import ray
 
+        if isinstance(handle, RunnerCall):
+            # A job that has not begun is refused by its runner's ``begin``; Ray refuses
+            # force=True for actor tasks, so a running one goes with its runner.
+            if running:
+                self.runners.kill(handle)
+            return
         # force=True kills the worker process (and, recursively, the job's child tasks):
         # the only way to stop Python code that does not poll ``ctx.cancelled()``.
         with contextlib.suppress(Exception):

@@ -4,7 +4,8 @@ Ray ties a task to the process that submitted it (its owner): when the owner exi
 kills the task. Were the gateway to launch Ray jobs itself, restarting it would kill every
 running Ray job. So gateways only store jobs and add them to Ray's streams, and one
 detached actor per Redis (named after its URL) reads those streams with a
-``HeavyDispatcher`` and launches each job as a Ray task it owns. The actor lives as long
+``HeavyDispatcher`` and launches each job as a Ray task it owns (or calls a warm runner, an
+actor it owns, with it: ``ray_runners.py``). The actor lives as long
 as the cluster; the runner inside each task writes the outcome to Redis; the actor
 acknowledges the entry. A gateway (through its Ray keeper, ``ray_keeper.py``) starts the
 actor, or finds it, with the first Ray job, and hands it its settings again every few
@@ -106,6 +107,8 @@ class RayDispatcherActor:
             self._hand_ray(in_flight_for(resources.get("CPU", 0), settings.engines.ray_in_flight))
             # A local cluster (no address) never grows: a job no node of it fits fails.
             self._engine.capacity = None if settings.engines.ray_address else resources
+            self._engine.runners.capacity = resources
+            self._engine.runners.limit = settings.engines.ray_warm_runners
             return self.info()
 
     def _hand_ray(self, in_flight: int) -> None:

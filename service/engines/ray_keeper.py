@@ -48,6 +48,7 @@ def keeper_spec(settings: Settings) -> dict[str, Any]:
         "ray_dashboard": engines.ray_dashboard,
         "ray_task_events": engines.ray_task_events,
         "ray_in_flight": engines.ray_in_flight,
+        "ray_warm_runners": engines.ray_warm_runners,
     }
 
 
@@ -63,6 +64,7 @@ def settings_of(spec: dict[str, Any]) -> Settings:
             ray_dashboard=bool(spec["ray_dashboard"]),
             ray_task_events=bool(spec["ray_task_events"]),
             ray_in_flight=int(spec["ray_in_flight"]),
+            ray_warm_runners=int(spec["ray_warm_runners"]),
         ),
     )
 
