@@ -103,8 +103,12 @@ def cpu_boom(message: str) -> None:
 
 @task("test.ray_hold", kind="heavy")
 def ray_hold(seconds: float, ctx: TaskContext) -> int:
-    """Record this attempt and the Ray worker's pid, block ``seconds``, return the attempt."""
-    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    """Record this attempt, the Ray worker's pid and the actor it runs in (a warm runner's;
+    None in a Ray task), block ``seconds``, return the attempt."""
+    import ray
+
+    actor = ray.get_runtime_context().get_actor_id()
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}:{actor}")
     time.sleep(seconds)  # sleep-ok: the point of the task: a running Ray task that ignores ctx
     return ctx.attempt
 

@@ -259,7 +259,7 @@ class ClusterEngine:
                 self._started[job.id] = asyncio.Event()
                 self._attempt_before[job.id] = await self._attempt_at_launch(job)
                 self._watch_starts()
-            handle = self._launch(job, spec)
+            handle = await self._launch(job, spec)
             self._inflight[job.id] = handle
             if limit is None:
                 await self._wait(handle)
@@ -433,7 +433,7 @@ class ClusterEngine:
     async def _disconnect(self) -> None:
         raise NotImplementedError
 
-    def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+    async def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         raise NotImplementedError
 
     async def _wait(self, handle: Any) -> None:

@@ -98,7 +98,7 @@ class DaskEngine(ClusterEngine):
         if self._cluster is not None:
             await self._cluster.close()
 
-    def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+    async def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         from distributed import fire_and_forget
 
         # Resources (num_cpus, ...) are Ray's: a Dask worker is one thread, one task.

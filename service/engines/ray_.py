@@ -257,10 +257,10 @@ class RayEngine(ClusterEngine):
         self._flavours.clear()
         self.runners.use(config)
 
-    def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
+    async def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
         self._check_feasible(options)
-        warm = self.runners.call(shape_of(options), job.id, job.task, job.entry)
+        warm = await self.runners.call(shape_of(options), job.id, job.task, job.entry)
         if warm is not None:
             return warm
         flavour = (job.task, tuple(sorted(options.items())))

@@ -141,6 +141,10 @@ class RayDispatcherActor:
             log.warning("Ray's streams or lease changed; dispatching with a new loop")
         dispatcher = await self._build(settings, registry)
         self._retire()
+        if self._engine is not None:
+            # One pool of warm runners: the old loop's busy ones count against its limits
+            # and are free for the new loop's jobs once their own have ended.
+            dispatcher.engines["ray"].runners = self._engine.runners
         self._dispatcher, self._engine = dispatcher, dispatcher.engines["ray"]
         self._engine.use(config)
         self._lease_s = lease_s

@@ -41,8 +41,16 @@ log = logging.getLogger("corefleet.ray")
 #: How long a runner waits for its next job before it ends; also how close two launches
 #: of a shape must be for the shape to get a runner.
 IDLE_S = 2.0
+#: How long a job waits for a busy runner of its shape to finish before it goes as a Ray
+#: task: about what Ray's worker lease would cost it.
+HANDOVER_S = 0.002
 #: The part of each of the cluster's resources that runners may hold together.
 HOLD_AT_MOST = 0.5
+#: How long a runner may take to start before it is given up (a shape no node can hold
+#: on a cluster at an address would wait for good, holding its place).
+START_S = 60.0
+#: Shapes whose last launch is remembered (per-job resources can make one per job).
+MAX_SHAPES = 256
 #: Ray's name of each resource a job may ask for.
 RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 
@@ -70,7 +78,11 @@ class Runner:
     config: WorkerConfig
     #: When it last finished a job; None while it starts or runs one.
     idle_since: float | None = None
+    #: Whether its actor has started (before that, nothing waits for it).
+    ready: bool = False
     ended: bool = False
+    #: The job it runs now, if any.
+    current: RunnerCall | None = None
 
 
 @dataclass(eq=False)
@@ -102,10 +114,8 @@ class WarmRunners:
         self._idle: dict[Shape, list[Runner]] = {}
         self._last_launch: dict[Shape, float] = {}
         self._calls: dict[tuple[Runner, str], Any] = {}
-
-    @property
-    def count(self) -> int:
-        return len(self._runners)
+        #: Per shape: launches waiting for one of its busy runners to finish.
+        self._waiters: dict[Shape, list[asyncio.Future[Runner | None]]] = {}
 
     def use(self, config: WorkerConfig) -> None:
         """Run jobs with ``config`` from now on: runners built with another one end (idle
@@ -114,19 +124,12 @@ class WarmRunners:
         for runner in [r for r in self._runners if r.config != config and r.idle_since is not None]:
             self._end(runner)
 
-    def call(self, shape: Shape, job_id: str, task: str, entry: str) -> RunnerCall | None:
-        """Hand the job to an idle runner of its shape; None where there is none (then it
-        goes as a Ray task, and the shape may get a runner for its next job)."""
-        now = time.monotonic()
-        recent = now - self._last_launch.get(shape, -math.inf) < IDLE_S
-        self._last_launch[shape] = now
-        idle = self._idle.get(shape)
-        if not idle:
-            if recent and self._room_for(shape):
-                self._start(shape)
+    async def call(self, shape: Shape, job_id: str, task: str, entry: str) -> RunnerCall | None:
+        """Hand the job to a runner of its shape; None where there is none (then it goes
+        as a Ray task, and the shape may get a runner for its next job)."""
+        runner = await self._take(shape)
+        if runner is None:
             return None
-        runner = idle.pop()
-        runner.idle_since = None
         method = self._calls.get((runner, task))
         if method is None:
             # Named after the task, so Ray's dashboard and logs say what runs. Ray's own
@@ -135,32 +138,84 @@ class WarmRunners:
             self._calls[(runner, task)] = method
         done = asyncio.wrap_future(method.remote(job_id, entry).future())
         done.add_done_callback(lambda finished: self._returned(runner, finished))
-        return RunnerCall(runner, done)
+        runner.current = RunnerCall(runner, done)
+        return runner.current
+
+    async def _take(self, shape: Shape) -> Runner | None:
+        now = time.monotonic()
+        recent = now - self._last_launch.pop(shape, -math.inf) < IDLE_S
+        self._last_launch[shape] = now  # the newest last: the oldest go first
+        if len(self._last_launch) > MAX_SHAPES:
+            del self._last_launch[next(iter(self._last_launch))]
+        idle = self._idle.get(shape)
+        if idle:
+            runner = idle.pop()
+            if not idle:
+                del self._idle[shape]
+            runner.idle_since = None
+            return runner
+        mine = [r for r in self._runners if r.shape == shape]
+        if any(r.ready for r in mine):
+            # Busy, but its job may have ended: the runner writes the outcome to Redis
+            # before it answers the dispatcher, so the job's next one (a client waiting on
+            # it) can come before the answer. A lease would cost as long as waiting.
+            taken = await self._handed_over(shape)
+            if taken is not None:
+                return taken
+        # One start at a time per shape: a burst would otherwise start one per job.
+        if recent and not any(not r.ready for r in mine) and self._room_for(shape):
+            self._start(shape)
+        return None
+
+    async def _handed_over(self, shape: Shape) -> Runner | None:
+        """The runner of ``shape`` that finishes its job within ``HANDOVER_S``, if one does."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Runner | None] = loop.create_future()
+        waiters = self._waiters.setdefault(shape, [])
+        waiters.append(waiter)
+
+        def give_up() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(HANDOVER_S, give_up)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and (runner := waiter.result()):
+                self._wait_idle(runner)  # handed over as this launch was cancelled
+            raise
+        finally:
+            timer.cancel()
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(shape, None)
 
     def kill(self, call: RunnerCall) -> None:
-        """Stop the job the runner runs, child tasks included, by ending the runner."""
-        self._end(call.runner)
-
-    def close(self) -> None:
-        for runner in list(self._runners):
-            self._end(runner)
+        """Stop the job the runner runs, child tasks included, by ending the runner; not
+        if that job has ended (the runner may run the next one already)."""
+        if call.runner.current is call and not call.done.done():
+            self._end(call.runner)
 
     # the pool ------------------------------------------------------------------------------
 
     def _room_for(self, shape: Shape) -> bool:
         if self.config is None or len(self._runners) >= self.limit:
             return False
+        return not self._over(shape)
+
+    def _over(self, extra: Shape = ()) -> bool:
+        """Whether the runners (and one more of shape ``extra``) hold more than their part
+        of any of the cluster's resources."""
         held: dict[str, float] = {}
-        for runner in self._runners:
-            for name, amount in runner.shape:
+        for shape in [extra, *(runner.shape for runner in self._runners)]:
+            for name, amount in shape:
                 held[name] = held.get(name, 0) + amount
-        for name, amount in shape:
-            if amount <= 0:
-                continue
-            have = self.capacity.get(RAY_RESOURCES[name], 0.0)
-            if held.get(name, 0) + amount > have * HOLD_AT_MOST:
-                return False
-        return True
+        return any(
+            amount > 0 and amount > self.capacity.get(RAY_RESOURCES[name], 0.0) * HOLD_AT_MOST
+            for name, amount in held.items()
+        )
 
     def _start(self, shape: Shape) -> None:
         import ray
@@ -168,27 +223,52 @@ class WarmRunners:
         assert self.config is not None
         if self._actor_class is None:
             self._actor_class = ray.remote(RunnerActor)
-        # Owned by the dispatcher: it ends with the dispatcher, as the tasks it launched do.
-        actor = self._actor_class.options(max_restarts=0, **dict(shape)).remote(self.config)
+        try:
+            # Owned by the dispatcher: it ends with it, as the tasks it launched do.
+            actor = self._actor_class.options(max_restarts=0, **dict(shape)).remote(self.config)
+            ready = asyncio.wrap_future(actor.ready.remote().future())
+        except Exception as exc:  # the job goes as a task, which says what is wrong
+            log.warning("cannot start a warm runner of %s: %s", dict(shape), exc)
+            return
         runner = Runner(actor, shape, self.config)
         self._runners.add(runner)
-        ready = asyncio.wrap_future(actor.ready.remote().future())
         ready.add_done_callback(lambda finished: self._returned(runner, finished))
+        asyncio.get_running_loop().call_later(START_S, self._end_unless_ready, runner)
+
+    def _end_unless_ready(self, runner: Runner) -> None:
+        if not runner.ready:
+            log.warning("a warm runner of %s did not start; giving it up", dict(runner.shape))
+            self._end(runner)
 
     def _returned(self, runner: Runner, finished: asyncio.Future[Any]) -> None:
-        """The runner finished starting or a job: it waits for the next one, or ends."""
+        """The runner finished starting or a job: it goes on with the next, or ends."""
         from ray.exceptions import RayTaskError
 
+        # Read in any case: a killed runner's error is expected, not one to report.
+        error = None if finished.cancelled() else finished.exception()
+        runner.current = None
         if runner.ended:
             return
-        error = None if finished.cancelled() else finished.exception()
         # A RayTaskError is the runner's own call raising (a task module that does not
-        # import): the actor is fine. Any other error means it is gone or going.
-        if (error is not None and not isinstance(error, RayTaskError)) or (
-            runner.config != self.config
+        # import): the actor is fine. Any other error means it is gone or going. A runner
+        # built with other settings, or one too many now that the limit or the cluster
+        # shrank, ends too.
+        if (
+            (error is not None and not isinstance(error, RayTaskError))
+            or runner.config != self.config
+            or len(self._runners) > self.limit
+            or self._over()
         ):
             self._end(runner)
             return
+        runner.ready = True
+        for waiter in self._waiters.get(runner.shape, []):
+            if not waiter.done():
+                waiter.set_result(runner)  # a job of its shape waits for it: it goes on
+                return
+        self._wait_idle(runner)
+
+    def _wait_idle(self, runner: Runner) -> None:
         runner.idle_since = since = time.monotonic()
         self._idle.setdefault(runner.shape, []).append(runner)
         asyncio.get_running_loop().call_later(IDLE_S, self._end_if_idle, runner, since)
@@ -207,6 +287,8 @@ class WarmRunners:
         idle = self._idle.get(runner.shape, [])
         if runner in idle:
             idle.remove(runner)
+        if not idle:
+            self._idle.pop(runner.shape, None)
         for key in [key for key in self._calls if key[0] is runner]:
             del self._calls[key]
         with contextlib.suppress(Exception):  # already dead is fine
