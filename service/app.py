@@ -181,13 +181,14 @@ async def _heavy_ctx(app: web.Application) -> AsyncIterator[None]:
     await dispatcher.prepare()
     for queue in ray.queues:  # so that /v1/queues counts Ray jobs before Ray starts
         await ensure_group(app[REDIS], queue)
-    tasks = [
-        asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0)),
-        asyncio.create_task(ray.keep_dispatching(dispatcher.stop)),
-    ]
+    dispatching = asyncio.create_task(dispatcher.run(dispatcher.stop, grace_s=5.0))
+    keeping = asyncio.create_task(ray.keep_dispatching(dispatcher.stop))
     yield
     dispatcher.stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    # The keeper's watch holds no job, and its look at the Ray streams blocks for up to a
+    # second: it is cut short (the Ray engine's close stops what it started).
+    keeping.cancel()
+    await asyncio.gather(dispatching, keeping, return_exceptions=True)
 
 
 async def _scheduler_ctx(app: web.Application) -> AsyncIterator[None]:

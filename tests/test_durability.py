@@ -16,11 +16,10 @@ import redis.asyncio as aioredis
 from celery.exceptions import Reject
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import ids, keys
+from service import ids, keys, middleware, store
 from service.engines.celery_ import CELERY_TASK
 from service.engines.celery_worker import build_worker_app
 from service.jobs import Job
-from service.middleware import STORE_DEADLINE_S
 from service.settings import Settings
 from service.store import Dispatch, JobStore, connect
 from service.worker_runtime import WorkerConfig, run_job_here
@@ -115,6 +114,17 @@ async def test_a_worker_process_store_rides_out_a_redis_restart(
     await store.redis.aclose()
 
 
+@pytest.fixture
+def quick_give_up(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Requests give up on an absent Redis sooner (3 retries, about 0.35 s, and a 2 s
+    deadline, where the defaults are 8 retries, about 5 s, and 6 s), so that the outage
+    tests below need not last as long; yields the deadline."""
+    monkeypatch.setattr(store, "RETRIES", 3)
+    monkeypatch.setattr(middleware, "STORE_DEADLINE_S", 2.0)
+    return 2.0
+
+
+@pytest.mark.usefixtures("quick_give_up")
 async def test_an_unreachable_store_gets_a_503_and_changes_nothing(settings: Settings) -> None:
     """With Redis away past the client's retries, requests get a JSON 503 that says so and
     when to try again (no 500, no traceback), and nothing is half-written: once Redis is
@@ -146,7 +156,9 @@ async def test_an_unreachable_store_gets_a_503_and_changes_nothing(settings: Set
         own.stop()
 
 
-async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(settings: Settings) -> None:
+async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
+    settings: Settings, quick_give_up: float
+) -> None:
     """A Redis that takes connections and never answers (stopped here; a host cut off
     without a reset looks the same) makes no request hang: each is answered 503 once the
     wait it asked for and the store deadline have passed. Once Redis answers again, so
@@ -163,7 +175,7 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(settings: Settin
         accepted = await gateway.submit("io.echo", 1)
         os.kill(own.proc.pid, signal.SIGSTOP)
         body = {"task": "io.echo", "args": [2]}
-        async with asyncio.timeout(3 * STORE_DEADLINE_S):  # each would hang without it
+        async with asyncio.timeout(3 * quick_give_up):  # each would hang without it
             answers = await asyncio.gather(
                 gateway.call("POST", "/v1/jobs", json=body),
                 gateway.call("POST", "/v1/jobs?wait=1", json=body),
@@ -187,6 +199,7 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(settings: Settin
         own.stop()
 
 
+@pytest.mark.usefixtures("quick_give_up")
 async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
     """The store of a Celery, Ray or Dask worker's job runner keeps trying after a request
     would have given up: a job Celery already handed over is not dropped by an outage."""
@@ -220,6 +233,7 @@ async def test_a_job_runner_waits_out_redis_for_as_long_as_it_is_away() -> None:
         own.stop()
 
 
+@pytest.mark.usefixtures("quick_give_up")
 async def test_an_io_job_that_ends_while_redis_is_away_is_stored_once_it_is_back(
     settings: Settings,
 ) -> None:
