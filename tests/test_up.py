@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import redis
@@ -24,22 +25,7 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
     """up → embedded Redis, gateway, worker, Flower; io, cpu, gpu (fallback) and heavy jobs
     succeed; SIGHUP (as SIGINT and SIGTERM) stops every process, Ray's included."""
     redis_port, port, flower_port = free_port(), free_port(), free_port()
-    env = env_with(
-        COREFLEET_REDIS_PORT=str(redis_port),
-        COREFLEET_PORT=str(port),
-        COREFLEET_FLOWER_PORT=str(flower_port),
-        COREFLEET_WORKER_CONCURRENCY="1",
-        COREFLEET_DATA_DIR=str(tmp_path / "data"),
-    )
-    env.pop("COREFLEET_REDIS_URL", None)
-    log = (tmp_path / "up.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "up"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc, log = _up(tmp_path, redis_port, port, flower_port)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: "corefleet is up" in (tmp_path / "up.log").read_text(), 90, "up")
@@ -92,6 +78,48 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
             for pid in process_tree(proc.pid):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def test_the_stack_stops_when_up_is_killed_outright(tmp_path: Path) -> None:
+    """A SIGKILL gives up no chance to stop its children: each gets a SIGTERM from the
+    kernel (the parent-death signal) and stops on its own, grandchildren included."""
+    proc, log = _up(tmp_path, free_port(), free_port(), free_port())
+    try:
+        wait_until(lambda: "corefleet is up" in (tmp_path / "up.log").read_text(), 90, "up")
+        tree = process_tree(proc.pid) - {proc.pid}
+        assert len(tree) >= 4  # the embedded Redis, the gateway, the worker, Flower
+        proc.kill()
+        proc.wait(10)
+        wait_until(lambda: not any(alive(pid) for pid in tree), 60, "children to exit")
+    finally:
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+def _up(
+    tmp_path: Path, redis_port: int, port: int, flower_port: int
+) -> tuple[subprocess.Popen[bytes], IO[str]]:
+    """`corefleet up` with its own embedded Redis, data dir and ports, its output in
+    ``up.log``; and that log."""
+    env = env_with(
+        COREFLEET_REDIS_PORT=str(redis_port),
+        COREFLEET_PORT=str(port),
+        COREFLEET_FLOWER_PORT=str(flower_port),
+        COREFLEET_WORKER_CONCURRENCY="1",
+        COREFLEET_DATA_DIR=str(tmp_path / "data"),
+    )
+    env.pop("COREFLEET_REDIS_URL", None)
+    log = (tmp_path / "up.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return proc, log
 
 
 def _subscribers(client: redis.Redis, channel: str) -> int:
