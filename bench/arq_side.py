@@ -36,7 +36,7 @@ def worker(args: argparse.Namespace) -> None:
     # WARNING, not INFO: arq logs two lines per job at INFO, and corefleet logs none.
     logging.basicConfig(level=logging.WARNING)
     Worker(
-        functions=[echo],  # type: ignore[list-item]
+        functions=[echo],
         redis_settings=RedisSettings(host="127.0.0.1", port=args.redis_port),
         max_jobs=args.max_jobs,
         poll_delay=args.poll_delay,

@@ -43,7 +43,7 @@ if MATCHED:
     app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)
 
 
-@app.task(name="bench.bare_noop")
+@app.task(name="bench.bare_noop")  # type: ignore[untyped-decorator]  # celery
 def bare_noop() -> int:
     return 1
 

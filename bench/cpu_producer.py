@@ -71,7 +71,7 @@ async def check_results(
                 continue
             run_times.append((ended - began).total_seconds())
             spans.setdefault(raw.get("worker", "?"), []).append((began, ended))
-    gaps = []
+    gaps: list[float] = []
     for runs in spans.values():
         runs.sort()
         gaps.extend((b[0] - a[1]).total_seconds() for a, b in itertools.pairwise(runs))

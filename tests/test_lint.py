@@ -20,6 +20,6 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_strict_is_clean() -> None:
-    """mypy --strict (configured in pyproject.toml) finds nothing in service, tasks, clients."""
+    """mypy --strict (configured in pyproject.toml) finds nothing in the code and bench."""
     out = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
