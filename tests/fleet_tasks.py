@@ -175,7 +175,11 @@ def dask_until_cancelled(ctx: TaskContext) -> str:
 @task("test.gpu_env", kind="gpu")
 def gpu_env() -> dict[str, Any]:
     """Which device this gpu worker child was pinned to, and which child it is."""
-    return {"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+    return {
+        "device": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "order": os.environ.get("CUDA_DEVICE_ORDER"),
+        "pid": os.getpid(),
+    }
 
 
 # --- progress reports --------------------------------------------------------------------

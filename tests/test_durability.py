@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -116,12 +117,13 @@ async def test_a_worker_process_store_rides_out_a_redis_restart(
 
 @pytest.fixture
 def quick_give_up(monkeypatch: pytest.MonkeyPatch) -> float:
-    """Requests give up on an absent Redis sooner (3 retries, about 0.35 s, and a 2 s
+    """Requests give up on an absent Redis sooner (3 retries, about 0.7 s, and a 3 s
     deadline, where the defaults are 8 retries, about 5 s, and 6 s), so that the outage
-    tests below need not last as long; yields the deadline."""
+    tests below need not last as long; yields the deadline (still above the readiness
+    check's own 2 s)."""
     monkeypatch.setattr(store, "RETRIES", 3)
-    monkeypatch.setattr(middleware, "STORE_DEADLINE_S", 2.0)
-    return 2.0
+    monkeypatch.setattr(middleware, "STORE_DEADLINE_S", 3.0)
+    return 3.0
 
 
 @pytest.mark.usefixtures("quick_give_up")
@@ -253,12 +255,15 @@ async def test_an_io_job_that_ends_while_redis_is_away_is_stored_once_it_is_back
         gate = LOCAL_GATES.setdefault(job_id, LocalGate())
         await asyncio.wait_for(gate.started.wait(), 30)
         own.stop()
+        gone = time.monotonic()
         gate.release.set()
         # Two requests give up one after the other meanwhile: the runner, whose task ended
         # first, has been without Redis for longer than a request's retries, twice over.
         for _ in range(2):
             with pytest.raises(RedisConnectionError):
                 await store.get(job_id)
+        # And for longer than the job's lease: had it given up, the job would run again.
+        assert time.monotonic() - gone > settings.io.lease_s
         own.start()
         async with session.get(f"{url}/v1/jobs/{job_id}?wait=30") as resp:
             record = await resp.json()

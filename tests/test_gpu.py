@@ -69,9 +69,11 @@ def gpu_worker(
 async def test_each_child_is_pinned_to_its_own_device(
     gpu_worker: GpuWorker, gateway: Gateway
 ) -> None:
-    """`worker --gpu` runs one child per visible GPU, each with its own CUDA_VISIBLE_DEVICES."""
+    """`worker --gpu` runs one child per visible GPU, each with its own CUDA_VISIBLE_DEVICES,
+    counted in nvidia-smi's order (PCI bus), not CUDA's own (fastest first)."""
     jobs = [await gateway.submit("test.gpu_env") for _ in range(12)]
     results = [(await gateway.wait(j["id"], 60))["result"] for j in jobs]
+    assert {r["order"] for r in results} == {"PCI_BUS_ID"}
     pinned = {r["pid"]: r["device"] for r in results}
     assert set(pinned.values()) <= set(FAKE_GPUS)
     assert len(pinned) == len(set(pinned.values()))  # never two devices for one child

@@ -48,7 +48,10 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
     def _init_child(**_: Any) -> None:
         if gpus:
-            # A replaced child keeps its index, so it gets the same device back.
+            # A replaced child keeps its index, so it gets the same device back. Indexes are
+            # nvidia-smi's, which orders devices by PCI bus; CUDA orders them fastest first
+            # unless told, so on a host of mixed cards it would pick another card.
+            os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[current_process().index % len(gpus)].id
 
     class JobTask(Task):  # type: ignore[misc]  # celery ships no type information

@@ -224,15 +224,16 @@ class ClusterEngine:
         return status
 
     async def close(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            # A start under way ends first, so that what it started is stopped below (and
+            # the watch a failed start begins is cancelled with the others).
+            with contextlib.suppress(Exception):
+                await self._starting
         for task in (self._watch, self._starts):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._starting is not None and not self._starting.done():
-            # A start under way ends first, so that what it started is stopped below.
-            with contextlib.suppress(Exception):
-                await self._starting
         if self.connected:
             await self._disconnect()
             self.connected = False

@@ -130,13 +130,18 @@ class WarmRunners:
         runner = await self._take(shape)
         if runner is None:
             return None
-        method = self._calls.get((runner, task))
-        if method is None:
-            # Named after the task, so Ray's dashboard and logs say what runs. Ray's own
-            # record of each call (task events) is off unless asked for, as for tasks.
-            method = runner.actor.run.options(name=task, enable_task_events=self.task_events)
-            self._calls[(runner, task)] = method
-        done = asyncio.wrap_future(method.remote(job_id, entry).future())
+        try:
+            method = self._calls.get((runner, task))
+            if method is None:
+                # Named after the task, so Ray's dashboard and logs say what runs. Ray's own
+                # record of each call (task events) is off unless asked for, as for tasks.
+                method = runner.actor.run.options(name=task, enable_task_events=self.task_events)
+                self._calls[(runner, task)] = method
+            done = asyncio.wrap_future(method.remote(job_id, entry).future())
+        except Exception as exc:  # the job goes as a task, which says what is wrong
+            log.warning("cannot call a warm runner: %s", exc)
+            self._end(runner)
+            return None
         done.add_done_callback(lambda finished: self._returned(runner, finished))
         runner.current = RunnerCall(runner, done)
         return runner.current
@@ -154,16 +159,17 @@ class WarmRunners:
                 del self._idle[shape]
             runner.idle_since = None
             return runner
-        mine = [r for r in self._runners if r.shape == shape]
-        if any(r.ready for r in mine):
+        if any(r.ready for r in self._runners if r.shape == shape):
             # Busy, but its job may have ended: the runner writes the outcome to Redis
             # before it answers the dispatcher, so the job's next one (a client waiting on
             # it) can come before the answer. A lease would cost as long as waiting.
             taken = await self._handed_over(shape)
             if taken is not None:
                 return taken
-        # One start at a time per shape: a burst would otherwise start one per job.
-        if recent and not any(not r.ready for r in mine) and self._room_for(shape):
+        # One start at a time per shape (looked at after the wait, which a burst's other
+        # jobs share): a burst would otherwise start one per job.
+        starting = any(not r.ready for r in self._runners if r.shape == shape)
+        if recent and not starting and self._room_for(shape):
             self._start(shape)
         return None
 
@@ -212,8 +218,11 @@ class WarmRunners:
         for shape in [extra, *(runner.shape for runner in self._runners)]:
             for name, amount in shape:
                 held[name] = held.get(name, 0) + amount
+        # With room for rounding: sums of the same amounts in another order may differ in
+        # the last bit, and a runner let in must not count as one too many after.
         return any(
-            amount > 0 and amount > self.capacity.get(RAY_RESOURCES[name], 0.0) * HOLD_AT_MOST
+            amount > 0
+            and amount > self.capacity.get(RAY_RESOURCES[name], 0.0) * HOLD_AT_MOST + 1e-9
             for name, amount in held.items()
         )
 
@@ -223,12 +232,16 @@ class WarmRunners:
         assert self.config is not None
         if self._actor_class is None:
             self._actor_class = ray.remote(RunnerActor)
+        actor = None
         try:
             # Owned by the dispatcher: it ends with it, as the tasks it launched do.
             actor = self._actor_class.options(max_restarts=0, **dict(shape)).remote(self.config)
             ready = asyncio.wrap_future(actor.ready.remote().future())
         except Exception as exc:  # the job goes as a task, which says what is wrong
             log.warning("cannot start a warm runner of %s: %s", dict(shape), exc)
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
             return
         runner = Runner(actor, shape, self.config)
         self._runners.add(runner)
