@@ -8,15 +8,20 @@ it with the next job instead of launching a task. The job runs the same runner e
 in a process of its own, with the resources its task or the job asked for.
 
 A warm runner holds its resources while it waits for the next job, as an actor does, and a
-job in it keeps its CPU while it waits on ``ray.get`` (a task gives its CPU back). Four
+job in it keeps its CPU while it waits on ``ray.get`` (a task gives its CPU back). These
 rules keep that cheap:
 
-- Only a shape launched twice within ``IDLE_S`` gets a runner, so a lone job starts none.
+- Only a shape launched twice within ``IDLE_S`` gets a runner, so a lone job starts none;
+  and a shape has one runner starting at a time, so a burst does not start one per job.
 - A runner idle for ``IDLE_S`` ends, and its resources go back to the cluster.
 - Runners together never hold more than half of any resource of the cluster, so Ray tasks
   (a fan-out's children, jobs of other shapes) always find the other half.
 - ``COREFLEET_RAY_WARM_RUNNERS`` bounds how many there are (each is a process); 0 turns
   them off.
+
+A job whose shape's runners are all busy waits ``HANDOVER_S`` for one of them, then goes
+as a task: a runner writes its job's outcome before it answers the dispatcher, so a client
+waiting on that job often sends the next one before the runner is seen to be free.
 
 Cancel and time limits kill a busy runner's actor (``ray.cancel(force=True)`` refuses actor
 tasks); its child tasks die with it, as a task's do. A runner that dies with its job (an
@@ -83,6 +88,9 @@ class Runner:
     ended: bool = False
     #: The job it runs now, if any.
     current: RunnerCall | None = None
+    #: Its ``run`` method with each task's call options, made once (``.options()`` costs
+    #: about as much as the call).
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -113,7 +121,6 @@ class WarmRunners:
         self._runners: set[Runner] = set()
         self._idle: dict[Shape, list[Runner]] = {}
         self._last_launch: dict[Shape, float] = {}
-        self._calls: dict[tuple[Runner, str], Any] = {}
         #: Per shape: launches waiting for one of its busy runners to finish.
         self._waiters: dict[Shape, list[asyncio.Future[Runner | None]]] = {}
 
@@ -131,12 +138,12 @@ class WarmRunners:
         if runner is None:
             return None
         try:
-            method = self._calls.get((runner, task))
+            method = runner.methods.get(task)
             if method is None:
                 # Named after the task, so Ray's dashboard and logs say what runs. Ray's own
                 # record of each call (task events) is off unless asked for, as for tasks.
                 method = runner.actor.run.options(name=task, enable_task_events=self.task_events)
-                self._calls[(runner, task)] = method
+                runner.methods[task] = method
             done = asyncio.wrap_future(method.remote(job_id, entry).future())
         except Exception as exc:  # the job goes as a task, which says what is wrong
             log.warning("cannot call a warm runner: %s", exc)
@@ -302,7 +309,5 @@ class WarmRunners:
             idle.remove(runner)
         if not idle:
             self._idle.pop(runner.shape, None)
-        for key in [key for key in self._calls if key[0] is runner]:
-            del self._calls[key]
         with contextlib.suppress(Exception):  # already dead is fine
             ray.kill(runner.actor, no_restart=True)
