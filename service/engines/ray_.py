@@ -10,8 +10,8 @@ job, starts Ray's keeper (``ray_keeper.py``): the child process that starts or c
 Ray and keeps Ray's dispatcher (a detached actor, ``ray_dispatcher.py``) serving. The
 gateway itself is never connected to Ray, so a Ray that dies cannot end it, and it never
 launches a job itself, so a gateway restart leaves running Ray jobs alone. Inside the
-actor (``in_cluster``) the engine launches each job as a Ray task, waits for it and
-interrupts it.
+actor (``in_cluster``) the engine launches each job as a Ray task (or hands it to a warm
+runner), waits for it and interrupts it.
 
 Where jobs of one shape (the resources they ask for) follow each other, the dispatcher
 calls a warm runner, an actor of that shape, instead of launching a task
