@@ -225,7 +225,7 @@ class WebhookSender:
                     continue
                 if tries >= MAX_DELIVERIES:
                     log.error("webhook delivery %s dropped after %d tries", entry_id, tries)
-                    await self._done(entry_id, "dropped")
+                    await self._record(entry_id, "dropped")
                 elif item["time_since_delivered"] >= self._wait_ms(tries) and room > 0:
                     due.append(entry_id)
                     room -= 1
@@ -245,7 +245,7 @@ class WebhookSender:
             if fields:
                 self._send(entry_id, fields)
             else:  # the entry is gone (deleted by hand): nothing to post
-                await self._done(entry_id)
+                await self._record(entry_id)
 
     def _send(self, entry_id: str, fields: dict[str, str]) -> None:
         sending = asyncio.create_task(self._deliver(entry_id, fields))
@@ -271,7 +271,7 @@ class WebhookSender:
         job = await self.store.get(fields.get("id", ""))
         url = job.options.get("webhook") if job is not None else None
         if job is None or not isinstance(url, str):
-            await self._done(entry_id)  # the record expired, or names no webhook: nothing owed
+            await self._record(entry_id)  # the record expired, or names no webhook: nothing owed
             return
         body = json.dumps(job.to_api()).encode()
         headers = {
@@ -296,18 +296,16 @@ class WebhookSender:
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
         if ok:
-            await self._done(entry_id, "delivered")
+            await self._record(entry_id, "delivered")
         else:
             log.warning("webhook of job %s to %s failed (%s); will try again", job.id, url, problem)
             await self._record(entry_id, "failed")
 
-    async def _done(self, entry_id: str, outcome: str = "") -> None:
-        """The delivery is owed no more: ``delivered``, ``dropped`` after its last try, or
-        (no outcome) nothing was owed after all (the job's record expired)."""
-        await self._record(entry_id, outcome)
-
-    async def _record(self, entry_id: str, outcome: str) -> None:
-        # One script, counting once even when the client sends it again.
+    async def _record(self, entry_id: str, outcome: str = "") -> None:
+        """What became of a delivery's try: ``failed`` (it stays owed), or it is owed no
+        more: ``delivered``, ``dropped`` after its last try, or (no outcome) nothing was
+        owed after all (the job's record expired). One script, counting once even when
+        the client sends it again."""
         marker = keys.webhook_try(ids.new_id())
         await self._outcome(
             keys=[keys.WEBHOOKS, keys.WEBHOOK_STATS, marker], args=[GROUP, entry_id, outcome]

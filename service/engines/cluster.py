@@ -58,6 +58,8 @@ REPROBE_S = 5.0
 #: The per-job option that overrides a task's declared resources.
 RESOURCES_OPTION = "resources"
 RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
+#: Ray's name of each of those, as its cluster reports what it has.
+RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 #: The most of any resource a job may ask for (memory in bytes, 8 EiB).
 MAX_RESOURCE = 2**63
 #: The least, other than none: Ray counts resources in steps of 1/10,000 and refuses less.

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from service import keys
 from service.engines.cluster import (
+    RAY_RESOURCES,
     REPROBE_S,
     UNREACHABLE,
     ClusterEngine,
@@ -45,7 +46,7 @@ from service.engines.cluster import (
     ray_options,
 )
 from service.engines.ray_keeper import keeper_spec
-from service.engines.ray_runners import RAY_RESOURCES, RunnerCall, WarmRunners, shape_of
+from service.engines.ray_runners import RunnerCall, WarmRunners, shape_of
 from service.errors import EngineUnavailable
 from service.jobs import Job, JobError
 from service.runner import error_of

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engines.cluster import RAY_RESOURCES
 from service.worker_runtime import WorkerConfig, run_job_here
 
 log = logging.getLogger("corefleet.ray")
@@ -56,8 +57,6 @@ HOLD_AT_MOST = 0.5
 START_S = 60.0
 #: Shapes whose last launch is remembered (per-job resources can make one per job).
 MAX_SHAPES = 256
-#: Ray's name of each resource a job may ask for.
-RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
 
 #: A job's Ray resources (``ray_options``), sorted: the runners that can run it.
 Shape = tuple[tuple[str, Any], ...]
