@@ -26,8 +26,14 @@ import redis.asyncio as aioredis
 from service import ids, keys
 from service.engines.cluster import DISPATCH_CONCURRENCY, ClusterEngine, ray_options
 from service.engines.ray_ import start_ray
-from service.engines.ray_dispatcher import MIN_IN_FLIGHT, ensure_dispatcher, in_flight_for
-from service.engines.ray_runners import Runner, WarmRunners, shape_of
+from service.engines.ray_dispatcher import (
+    ASK_COUNTS_S,
+    MIN_IN_FLIGHT,
+    RecentLowest,
+    ensure_dispatcher,
+    in_flight_for,
+)
+from service.engines.ray_runners import IDLE_S, Runner, WarmRunners, shape_of
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import EngineSettings, Settings
@@ -223,6 +229,42 @@ async def test_a_job_whose_warm_runner_dies_is_delivered_again(
     assert status == 200 and record["state"] == "cancelled"
 
 
+async def test_a_job_handed_to_a_warm_runner_that_died_idle_runs_at_once(
+    settings: Settings, local_ray: str
+) -> None:
+    """A warm runner that died while idle (an OOM kill, say) is found dead as the next job
+    of its shape is handed to it: that job never began, so it goes as a Ray task at once,
+    not after a lease (a minute here) as a lost worker's job would."""
+    import ray
+
+    lease = replace(settings.io, lease_s=60.0)
+    engines = replace(settings.engines, ray_address=local_ray)
+    server, session = await start_gateway(replace(settings, io=lease, engines=engines))
+    gateway = Gateway(server, session)
+    shape = {"num_cpus": 0.45}  # a shape of its own
+    try:
+        for _ in range(5):
+            runner = await _warm_runner(gateway, shape, first=None)
+            idle_from = time.monotonic()  # about when it went idle: it ends 2 s after
+            os.kill(runner["pid"], signal.SIGKILL)
+            async with asyncio.timeout(30):  # until Ray has marked it dead (no event for it)
+                while True:
+                    if ray._private.state.actors(runner["actor"])["State"] == "DEAD":
+                        break
+                    await asyncio.sleep(0.01)  # sleep-ok: polling Ray's record of the actor
+            if time.monotonic() - idle_from > IDLE_S / 2:
+                continue  # it may have ended as idle before the next job came: again
+            job = await gateway.submit("test.ray_where", resources=shape)
+            done = await gateway.wait(job["id"], 20)
+            assert done["state"] == "succeeded" and done["attempts"] == 1, done
+            assert done["result"]["actor"] != runner["actor"]
+            return
+        raise AssertionError("never handed a job to a dead runner in time")
+    finally:
+        await session.close()
+        await server.close()
+
+
 async def test_an_idle_warm_runner_gives_its_resources_back(heavy_gateway: Gateway) -> None:
     """A warm runner holds its CPU only while jobs keep coming: once idle it ends, and a
     job asking for every CPU of the cluster starts."""
@@ -254,6 +296,35 @@ def test_warm_runners_hold_at_most_half_of_each_resource() -> None:
     runners._runners.add(Runner(None, shape_of({"num_cpus": 0}), runners.config))
     assert not runners._room_for(shape_of({"num_cpus": 0}))  # the limit
     assert shape_of({}) == (("num_cpus", 1),)  # a Ray task's default, which an actor lacks
+
+
+def test_warm_runners_beyond_a_new_limit_end_when_it_comes() -> None:
+    """A lower limit, or a cluster that shrank, ends idle runners beyond it at once, the
+    longest idle first, and busy ones as their job ends; not after a job more each."""
+    runners = WarmRunners(limit=3, task_events=False)
+    runners.config = WorkerConfig("redis://", 60, ())
+    shape = shape_of({"num_cpus": 0.5})
+    idle = [Runner(None, shape, runners.config, idle_since=t, ready=True) for t in (2.0, 1.0)]
+    busy = Runner(None, shape, runners.config, ready=True)
+    runners._runners |= {*idle, busy}
+    runners._idle[shape] = list(idle)
+    runners.resize(3, {"CPU": 4.0})
+    assert not any(r.ended for r in (*idle, busy))
+    runners.resize(2, {"CPU": 4.0})
+    assert [r.ended for r in (*idle, busy)] == [False, True, False]  # the longest idle
+    runners.resize(2, {"CPU": 1.0})  # half of it: one runner of half a CPU
+    assert [r.ended for r in (*idle, busy)] == [True, True, False]
+    assert runners._runners == {busy} and not runners._idle
+
+
+def test_the_dispatcher_takes_the_lowest_setting_gateways_asked_for_lately() -> None:
+    """Gateways set apart (a rolling deploy) do not set the warm runners' limit or the jobs
+    in flight in turns: the lowest asked for within a few serves holds."""
+    lowest = RecentLowest()
+    assert lowest.ask(4, now=0.0) == 4
+    assert lowest.ask(0, now=1.0) == 0
+    assert lowest.ask(4, now=5.0) == 0  # the gateway that asked for 0 still counts
+    assert lowest.ask(4, now=1.0 + ASK_COUNTS_S + 0.1) == 4  # until it has stopped asking
 
 
 async def _until_held(

@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -48,7 +49,7 @@ from service.engines.cluster import (
 from service.engines.ray_keeper import keeper_spec
 from service.engines.ray_runners import RunnerCall, WarmRunners, shape_of
 from service.errors import EngineUnavailable
-from service.jobs import Job, JobError
+from service.jobs import Job, JobError, JobState
 from service.runner import error_of
 from service.settings import EngineSettings, Settings
 from service.worker_runtime import WorkerConfig, run_job_here
@@ -261,9 +262,13 @@ class RayEngine(ClusterEngine):
     async def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         options = ray_options(spec.resources if spec else {}, job.options)
         self._check_feasible(options)
-        warm = await self.runners.call(shape_of(options), job.id, job.task, job.entry)
-        if warm is not None:
-            return warm
+        call = await self.runners.call(shape_of(options), job.id, job.task, job.entry)
+        if call is not None:
+            return InRunner(call, job, options)
+        return self._as_task(job, options)
+
+    def _as_task(self, job: Job, options: dict[str, Any]) -> Any:
+        """Launch ``job`` as a Ray task with these resources; its ObjectRef."""
         flavour = (job.task, tuple(sorted(options.items())))
         remote = self._flavours.get(flavour)
         if remote is None:
@@ -315,9 +320,8 @@ class RayEngine(ClusterEngine):
         from ray.exceptions import RayTaskError
 
         try:
-            if isinstance(handle, RunnerCall):
-                # Shielded: a cancelled wait leaves the runner to finish (or be killed).
-                await asyncio.shield(handle.done)
+            if isinstance(handle, InRunner):
+                await self._wait_in_runner(handle)
             else:
                 await asyncio.wrap_future(handle.future())
         except RayTaskError as exc:
@@ -326,19 +330,61 @@ class RayEngine(ClusterEngine):
             # the job is delivered again.
             raise CouldNotRun(error_of(getattr(exc, "cause", None) or exc)) from exc
 
+    async def _wait_in_runner(self, handle: InRunner) -> None:
+        """Wait for a job handed to a warm runner; should the runner turn out to have died
+        before the job began (while it was idle), run the job as a Ray task instead."""
+        from ray.exceptions import ActorDiedError
+
+        try:
+            # Shielded: a cancelled wait leaves the runner to finish (or be killed).
+            await asyncio.shield(handle.call.done)
+            return
+        except ActorDiedError:
+            # Dead for good (an actor only unreachable for now might still run the call).
+            # Begun in it: lost with it, so delivered again, as a lost task's worker is.
+            if not await self._never_began(handle.job):
+                raise
+        log.warning("job %s: its warm runner had died; it goes as a Ray task", handle.job.id)
+        handle.task = self._as_task(handle.job, handle.options)
+        await self._wait(handle.task)
+
+    async def _never_began(self, job: Job) -> bool:
+        """Whether the record says ``job`` has not begun since its launch: waiting still,
+        or running from the attempt it named at launch (a lost worker's, if known)."""
+        record = keys.job(job.id)
+        state, attempt = await self.redis.hmget(record, ["state", "attempt_id"])  # type: ignore[misc]
+        if state in (JobState.QUEUED.value, JobState.RETRYING.value):
+            return True
+        before = self._attempt_before.get(job.id)
+        return state == JobState.RUNNING.value and before is not None and attempt == before
+
     def _interrupt(self, handle: Any, running: bool) -> None:
         import ray
 
-        if isinstance(handle, RunnerCall):
-            # A job that has not begun is refused by its runner's ``begin``; Ray refuses
-            # force=True for actor tasks, so a running one goes with its runner.
-            if running:
-                self.runners.kill(handle)
+        if isinstance(handle, InRunner):
+            if handle.task is not None:  # it went as a task after all
+                self._interrupt(handle.task, running)
+            elif running:
+                # A job that has not begun is refused by its runner's ``begin``; Ray refuses
+                # force=True for actor tasks, so a running one goes with its runner.
+                self.runners.kill(handle.call)
             return
         # force=True kills the worker process (and, recursively, the job's child tasks):
         # the only way to stop Python code that does not poll ``ctx.cancelled()``.
         with contextlib.suppress(Exception):
             ray.cancel(handle, force=running, recursive=True)
+
+
+@dataclass(eq=False)
+class InRunner:
+    """A job handed to a warm runner: the handle ``RayEngine`` waits on and interrupts."""
+
+    call: RunnerCall
+    job: Job
+    #: Its Ray resources, should it have to go as a task.
+    options: dict[str, Any]
+    #: The Ray task that runs it instead, where the runner had died before it began.
+    task: Any = None
 
 
 async def _stop_process(proc: asyncio.subprocess.Process) -> None:

@@ -49,6 +49,8 @@ ANSWER_TIMEOUT_S = 10.0
 IN_FLIGHT_PER_CPU = 4
 #: Jobs handed to Ray however few CPUs it reports (a cluster scaled to none has some soon).
 MIN_IN_FLIGHT = 8
+#: How long a gateway's ask counts after it was made: three of its keeper's serves.
+ASK_COUNTS_S = 15.0
 
 
 def in_flight_for(cpus: float, configured: int) -> int:
@@ -66,6 +68,25 @@ def corefleet_version() -> str:
         return importlib.metadata.version("corefleet")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree
         return "unknown"
+
+
+class RecentLowest:
+    """The lowest of the values gateways asked for within ``ASK_COUNTS_S``.
+
+    Gateways of one deployment may be set apart (a rolling deploy, one set by hand): were
+    the last to call to win, the setting would change every few seconds, each time ending
+    runners or holding back jobs. The lowest is the safe one, and a value no gateway asks
+    for any more stops counting soon after.
+    """
+
+    def __init__(self) -> None:
+        self._asked: dict[int, float] = {}
+
+    def ask(self, value: int, now: float) -> int:
+        self._asked[value] = now
+        for old in [v for v, at in self._asked.items() if now - at > ASK_COUNTS_S]:
+            del self._asked[old]
+        return min(self._asked)
 
 
 def actor_name(redis_url: str) -> str:
@@ -89,6 +110,8 @@ class RayDispatcherActor:
         self._engine: Any = None  # its RayEngine
         self._lease_s = 0.0
         self._modules: tuple[str, ...] = ()
+        self._in_flight = RecentLowest()
+        self._warm_runners = RecentLowest()
 
     async def serve(self, settings: Settings) -> dict[str, Any]:
         """Dispatch for a gateway with ``settings``: idempotent, as every gateway calls it
@@ -104,11 +127,13 @@ class RayDispatcherActor:
             resources = await asyncio.to_thread(_cluster_resources)
             await self._serve(settings)
             # No await since ``_serve`` returned: a loop it just started has not read yet.
-            self._hand_ray(in_flight_for(resources.get("CPU", 0), settings.engines.ray_in_flight))
+            now = time.monotonic()
+            in_flight = in_flight_for(resources.get("CPU", 0), settings.engines.ray_in_flight)
+            self._hand_ray(self._in_flight.ask(in_flight, now))
             # A local cluster (no address) never grows: a job no node of it fits fails.
             self._engine.capacity = None if settings.engines.ray_address else resources
-            self._engine.runners.capacity = resources
-            self._engine.runners.limit = settings.engines.ray_warm_runners
+            warm_runners = self._warm_runners.ask(settings.engines.ray_warm_runners, now)
+            self._engine.runners.resize(warm_runners, resources)
             return self.info()
 
     def _hand_ray(self, in_flight: int) -> None:

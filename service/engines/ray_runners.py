@@ -25,7 +25,12 @@ waiting on that job often sends the next one before the runner is seen to be fre
 
 Cancel and time limits kill a busy runner's actor (``ray.cancel(force=True)`` refuses actor
 tasks); its child tasks die with it, as a task's do. A runner that dies with its job (an
-OOM kill, a lost node) leaves the job to be delivered again, as a lost task's worker does.
+OOM kill, a lost node) leaves the job to be delivered again, as a lost task's worker does;
+one found dead as a job is handed to it (it died while idle) has that job go as a Ray task
+at once (``RayEngine``), since the job never began.
+
+The limit and the cluster's resources come with every serve of the dispatcher
+(``resize``): idle runners beyond them end then, busy ones as their job ends.
 """
 
 from __future__ import annotations
@@ -130,11 +135,28 @@ class WarmRunners:
         for runner in [r for r in self._runners if r.config != config and r.idle_since is not None]:
             self._end(runner)
 
+    def resize(self, limit: int, capacity: Mapping[str, float]) -> None:
+        """Take a new limit and what the cluster has now: idle runners beyond either end at
+        once, the longest idle first (busy ones as their job ends)."""
+        self.limit = limit
+        self.capacity = dict(capacity)
+        idle = sorted(
+            (runner for runners in self._idle.values() for runner in runners),
+            key=lambda runner: runner.idle_since or 0.0,
+        )
+        for runner in idle:
+            if len(self._runners) <= self.limit and not self._over():
+                break
+            self._end(runner)
+
     async def call(self, shape: Shape, job_id: str, task: str, entry: str) -> RunnerCall | None:
         """Hand the job to a runner of its shape; None where there is none (then it goes
         as a Ray task, and the shape may get a runner for its next job)."""
         runner = await self._take(shape)
         if runner is None:
+            return None
+        if runner.config != self.config:  # the settings changed while it was handed over
+            self._end(runner)
             return None
         try:
             method = runner.methods.get(task)
@@ -143,11 +165,12 @@ class WarmRunners:
                 # record of each call (task events) is off unless asked for, as for tasks.
                 method = runner.actor.run.options(name=task, enable_task_events=self.task_events)
                 runner.methods[task] = method
-            done = asyncio.wrap_future(method.remote(job_id, entry).future())
-        except Exception as exc:  # the job goes as a task, which says what is wrong
+            ref = method.remote(job_id, entry)
+        except Exception as exc:  # not sent: the job goes as a task, which says what is wrong
             log.warning("cannot call a warm runner: %s", exc)
             self._end(runner)
             return None
+        done = asyncio.wrap_future(ref.future())
         done.add_done_callback(lambda finished: self._returned(runner, finished))
         runner.current = RunnerCall(runner, done)
         return runner.current
