@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import re
 import time
@@ -24,6 +25,7 @@ from service.dashboard import Dashboard
 from service.engines import build_engines
 from service.engines.asyncio_ import StreamConsumer, consumer_name, ensure_group, io_worker
 from service.engines.base import Engine
+from service.engines.celery_ import over_ceiling, time_limit_ceiling
 from service.engines.cluster import HeavyDispatcher, queues_of
 from service.engines.dask_ import DaskEngine
 from service.engines.ray_ import RayEngine
@@ -50,6 +52,8 @@ from service.store import JobQuery, JobStore, connect
 from service.submit import Submitter
 from service.webhooks import WebhookSender
 from tasks import Registry
+
+log = logging.getLogger("corefleet.gateway")
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
@@ -137,6 +141,15 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
     engines = build_engines(app[REDIS], app[SETTINGS])
+    registry: Registry = app[REGISTRY]
+    for spec in over_ceiling(registry, app[SETTINGS]):
+        log.warning(
+            "task %s declares timeout_s %g, above the %d s a cpu/gpu job may run here: its "
+            "jobs are refused until COREFLEET_VISIBILITY_TIMEOUT_S is raised on every process",
+            spec.name,
+            spec.timeout_s,
+            time_limit_ceiling(app[SETTINGS]),
+        )
     for engine in engines.values():
         await engine.start()
     app[ENGINES] = engines

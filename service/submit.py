@@ -144,6 +144,11 @@ class Submitter:
         if problem is not None:
             raise InvalidArguments(problem, {"task": name, "signature": str(spec.signature())})
         _check_options(options, self.webhook_hosts)
+        if "resources" in options and spec.engine != "ray":
+            raise InvalidBody(
+                f"options.resources apply to Ray jobs only; {name} runs on {spec.engine}",
+                {"engine": spec.engine},
+            )
         queue = options.get("queue", spec.queue)
         _check_queue(self.registry, spec, queue)
         fingerprint = _fingerprint(name, args, kwargs, options)

@@ -35,6 +35,17 @@ ENGINES = ("asyncio", "celery", "ray", "dask")
 #: Dask jobs get a queue of their own: Ray's dispatcher (inside Ray) and Dask's (in the
 #: gateway) read different streams, and one stream must carry one engine's jobs.
 DASK_QUEUE = "dask"
+#: The queue of a task that names none and runs on another engine than its kind's: the one
+#: that engine's workers read unless told (a queue carries one engine's jobs).
+ENGINE_QUEUE = {"asyncio": "io", "celery": "cpu", "ray": "heavy", "dask": DASK_QUEUE}
+
+#: The resources a Ray job may ask for (a task's ``resources``, a job's option), as Ray's
+#: ``.options()`` names them; ``memory`` is in bytes.
+RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
+#: The most of any resource a job may ask for (memory in bytes, 8 EiB).
+MAX_RESOURCE = 2**63
+#: The least, other than none: Ray counts resources in steps of 1/10,000 and refuses less.
+MIN_RESOURCE = 0.0001
 
 #: A job's priority levels, in the order workers take them: of the jobs waiting on a queue,
 #: a worker with room for one more takes a ``high`` job first and a ``low`` one last. A
@@ -50,6 +61,20 @@ MAX_RETRIES = 99
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 _MARK = "__corefleet_task__"
+
+
+def resources_valid(value: Any) -> bool:
+    """Whether ``value`` is a resources mapping Ray would take: names from
+    ``RESOURCE_NAMES``, each 0 or a number from ``MIN_RESOURCE`` to ``MAX_RESOURCE``."""
+    if not isinstance(value, dict) or set(value) - set(RESOURCE_NAMES):
+        return False
+    return all(
+        not isinstance(amount, bool)
+        and isinstance(amount, (int, float))
+        and 0 <= amount <= MAX_RESOURCE  # NaN and infinity fail this too
+        and not 0 < amount < MIN_RESOURCE
+        for amount in value.values()
+    )
 
 
 @dataclass(frozen=True)
@@ -178,6 +203,15 @@ def task(
         raise ValueError(f"queue must be 1 to 64 letters, digits or _.:-, not {queue!r}")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
+    if resources and chosen_engine != "ray":
+        raise ValueError(f"resources apply to Ray tasks only; this one runs on {chosen_engine}")
+    if resources is not None and not resources_valid(resources):
+        raise ValueError(
+            f"resources must map {', '.join(RESOURCE_NAMES)} to 0 or a number from "
+            f"{MIN_RESOURCE} to 2**63, not {resources!r}"
+        )
+    if queue is None:
+        queue = kind if chosen_engine == DEFAULT_ENGINE[kind] else ENGINE_QUEUE[chosen_engine]
 
     def mark(fn: F) -> F:
         spec = TaskSpec(
@@ -185,7 +219,7 @@ def task(
             fn=fn,
             kind=kind,
             engine=chosen_engine,
-            queue=queue or (DASK_QUEUE if chosen_engine == "dask" else kind),
+            queue=queue,
             timeout_s=timeout_s,
             max_retries=max_retries,
             resources=dict(resources or {}),

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import logging
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
 from service import ids
+from service.app import create_app
+from service.engines.celery_ import time_limit_ceiling
+from service.settings import Settings
+from tasks import Registry
 from tests.conftest import Gateway
 
 
@@ -190,6 +197,13 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_body",
     ),
     (
+        # Only Ray reads a job's resources: on another engine they would be stored and ignored.
+        "resources on a cpu job",
+        {"json": {"task": "cpu.count_primes", "args": [10], "options": {"resources": {}}}},
+        400,
+        "invalid_body",
+    ),
+    (
         "oversized body",
         {"data": b'{"task": "io.echo", "args": ["' + b"x" * 1024 * 1024 + b'"]}'},
         413,
@@ -219,6 +233,35 @@ async def test_bad_submit_is_refused_and_writes_nothing(
     assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
     assert await _keys(redis) == before
     assert await redis.xlen("cf:stream:io") == stream_before
+
+
+async def test_a_cpu_time_limit_must_fit_under_the_visibility_timeout(
+    gateway: Gateway, redis: aioredis.Redis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis hands a Celery message nobody acknowledged within the visibility timeout to
+    another worker, running or not: a cpu/gpu job asking for a longer limit is a 400 that
+    names the most it may have, and a task declaring one is named as a gateway starts."""
+    ceiling = time_limit_ceiling(settings)
+    before = await _keys(redis)
+    body = {"task": "cpu.count_primes", "args": [10], "options": {"timeout_s": ceiling + 1}}
+    status, refused = await gateway.call("POST", "/v1/jobs", json=body)
+    assert status == 400 and refused["error"]["code"] == "invalid_body", refused
+    assert refused["error"]["detail"] == {"max_timeout_s": ceiling}
+    assert "COREFLEET_VISIBILITY_TIMEOUT_S" in refused["error"]["message"]
+    assert await _keys(redis) == before
+    body["options"] = {"timeout_s": ceiling}
+    status, accepted = await gateway.call("POST", "/v1/jobs", json=body)
+    assert status == 202, accepted
+
+    registry = Registry.load(settings.task_modules)
+    count_primes = registry.get("cpu.count_primes")
+    assert count_primes is not None
+    registry.add(replace(count_primes, name="test.too_long", timeout_s=ceiling + 1.5))
+    with caplog.at_level(logging.WARNING, logger="corefleet.gateway"):
+        server = TestServer(create_app(settings, registry), host="127.0.0.1")
+        await server.start_server()
+        await server.close()
+    assert any("test.too_long" in r.getMessage() for r in caplog.records), caplog.text
 
 
 async def test_a_good_typed_call_is_accepted(gateway: Gateway) -> None:

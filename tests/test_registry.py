@@ -63,6 +63,37 @@ def test_declared_limits_are_checked_where_the_author_sees_them() -> None:
     assert spec.retry_delay(5000) <= 60  # no OverflowError from 2.0 ** 4999
 
 
+def test_resources_are_checked_where_the_author_sees_them() -> None:
+    """Resources Ray would not take, or on a task that does not run on Ray (nothing would
+    read them), fail at import time rather than being dropped."""
+    for bad in ({"num_gpu": 1}, {"num_cpus": -1}, {"num_cpus": 0.00001}, {"memory": "1G"}):
+        with pytest.raises(ValueError, match="resources"):
+            task(kind="heavy", resources=bad)  # type: ignore[arg-type]
+    for kind, engine in (("cpu", None), ("gpu", None), ("io", None), ("heavy", "dask")):
+        with pytest.raises(ValueError, match="Ray tasks only"):
+            task(kind=kind, engine=engine, resources={"num_cpus": 1})
+
+
+def test_a_task_on_another_engine_than_its_kinds_gets_that_engines_queue() -> None:
+    """A gpu task run on Ray (as the README suggests) travels on Ray's queue, not on the
+    Celery queue ``gpu`` of the built-in gpu tasks, which would refuse the mix."""
+
+    @task("mine.gpu_on_ray", kind="gpu", engine="ray", resources={"num_gpus": 1})
+    def on_ray() -> None: ...
+
+    @task("mine.cpu_on_dask", kind="cpu", engine="dask")
+    def on_dask() -> None: ...
+
+    registry = Registry.load()
+    for fn in (on_ray, on_dask):
+        registry.add(fn.__corefleet_task__)  # type: ignore[attr-defined]
+    assert [registry.get(name).queue for name in ("mine.gpu_on_ray", "mine.cpu_on_dask")] == [  # type: ignore[union-attr]
+        "heavy",
+        "dask",
+    ]
+    assert registry.engine_of_queue("gpu") == "celery"
+
+
 def test_an_annotation_that_does_not_resolve_leaves_the_others_checked() -> None:
     """A name imported for type checkers only (``if TYPE_CHECKING:``) cannot be resolved
     at run time; the other parameters are still checked."""

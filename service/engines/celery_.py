@@ -13,8 +13,10 @@ import asyncio
 import base64
 import functools
 import json
+import math
 import os
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -24,6 +26,7 @@ from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import Settings
 from service.store import Dispatch
+from tasks import TaskSpec
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -63,6 +66,23 @@ def visibility_timeout(settings: Settings) -> int:
         settings.celery.visibility_timeout_s,
         int(settings.celery.default_time_limit_s) + VISIBILITY_MARGIN_S,
     )
+
+
+def time_limit_ceiling(settings: Settings) -> int:
+    """The longest time limit a cpu/gpu job may have: under the visibility timeout, so that
+    Redis never hands a job that still runs to another worker."""
+    return visibility_timeout(settings) - VISIBILITY_MARGIN_S
+
+
+def over_ceiling(registry: Iterable[TaskSpec], settings: Settings) -> list[TaskSpec]:
+    """The Celery tasks whose declared time limit is above the ceiling: their jobs are
+    refused until ``COREFLEET_VISIBILITY_TIMEOUT_S`` is raised."""
+    ceiling = time_limit_ceiling(settings)
+    return [
+        spec
+        for spec in registry
+        if spec.engine == "celery" and spec.timeout_s is not None and spec.timeout_s > ceiling
+    ]
 
 
 def time_limit(job: Job, settings: Settings) -> float:
@@ -169,11 +189,12 @@ class CeleryEngine:
 
     def dispatch(self, job: Job) -> Dispatch:
         limit = time_limit(job, self.settings)
-        ceiling = visibility_timeout(self.settings) - VISIBILITY_MARGIN_S
+        ceiling = time_limit_ceiling(self.settings)
         if limit > ceiling:
             raise InvalidBody(
-                f"timeout_s {limit:g} is above this deployment's ceiling of {ceiling} s "
-                "(raise COREFLEET_VISIBILITY_TIMEOUT_S)",
+                f"timeout_s {limit:g} is above the {ceiling} s a cpu/gpu job may run here "
+                f"(raise COREFLEET_VISIBILITY_TIMEOUT_S to at least {math.ceil(limit)} + "
+                f"{VISIBILITY_MARGIN_S} on every process)",
                 {"max_timeout_s": ceiling},
             )
         key = celery_list(job.queue, CELERY_PRIORITY[job.priority])

@@ -36,14 +36,22 @@ from service.jobs import Job, JobError, JobState
 from service.settings import IoWorkerSettings, Settings
 from service.store import Dispatch, JobStore
 from service.worker_runtime import WorkerConfig
-from tasks import DASK_QUEUE, Registry, TaskSpec
+from tasks import (
+    DASK_QUEUE,
+    ENGINE_QUEUE,
+    MIN_RESOURCE,
+    RESOURCE_NAMES,
+    Registry,
+    TaskSpec,
+    resources_valid,
+)
 
 log = logging.getLogger("corefleet.heavy")
 #: The states of a job whose runner has not begun it.
 _WAITING = frozenset({JobState.QUEUED.value, JobState.RETRYING.value})
 
 #: The stream Ray jobs travel on unless their task names another.
-HEAVY_QUEUE = "heavy"
+HEAVY_QUEUE = ENGINE_QUEUE["ray"]
 #: Each cluster engine's default queue.
 DEFAULT_QUEUES = {"ray": HEAVY_QUEUE, "dask": DASK_QUEUE}
 #: How long past its time limit a running cluster job may go before it is interrupted (the
@@ -57,13 +65,8 @@ PROBE_TIMEOUT_S = 2.0
 REPROBE_S = 5.0
 #: The per-job option that overrides a task's declared resources.
 RESOURCES_OPTION = "resources"
-RESOURCE_NAMES = ("num_cpus", "num_gpus", "memory")
-#: Ray's name of each of those, as its cluster reports what it has.
+#: Ray's name of each of ``RESOURCE_NAMES``, as its cluster reports what it has.
 RAY_RESOURCES = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
-#: The most of any resource a job may ask for (memory in bytes, 8 EiB).
-MAX_RESOURCE = 2**63
-#: The least, other than none: Ray counts resources in steps of 1/10,000 and refuses less.
-MIN_RESOURCE = 0.0001
 
 NOT_STARTED = "not started"
 LOCAL = "local"
@@ -82,26 +85,14 @@ class CouldNotRun(Exception):
 # --- resources ---------------------------------------------------------------------------
 
 
-def _resource_error() -> InvalidBody:
-    return InvalidBody(
-        f"options.{RESOURCES_OPTION} must be an object with num_cpus, num_gpus and/or memory "
-        "(bytes), each 0 or a number from 0.0001 to 2**63",
-        {"allowed": list(RESOURCE_NAMES)},
-    )
-
-
 def check_resources(value: Any) -> dict[str, float]:
-    """A resources mapping (a task's declaration or a job's option), checked."""
-    if not isinstance(value, dict) or set(value) - set(RESOURCE_NAMES):
-        raise _resource_error()
-    for amount in value.values():
-        if (
-            isinstance(amount, bool)
-            or not isinstance(amount, (int, float))
-            or not 0 <= amount <= MAX_RESOURCE  # NaN and infinity fail this too
-            or 0 < amount < MIN_RESOURCE
-        ):
-            raise _resource_error()
+    """A job's ``resources`` option, checked."""
+    if not resources_valid(value):
+        raise InvalidBody(
+            f"options.{RESOURCES_OPTION} must be an object with num_cpus, num_gpus and/or "
+            f"memory (bytes), each 0 or a number from {MIN_RESOURCE} to 2**63",
+            {"allowed": list(RESOURCE_NAMES)},
+        )
     return {name: float(amount) for name, amount in value.items()}
 
 
