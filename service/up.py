@@ -175,6 +175,8 @@ class Stack:
         env = dict(os.environ, COREFLEET_REDIS_URL=self.redis_url)
         gw = self.settings.gateway
         gateway = self.start_child("gateway", [sys.executable, "-m", "clients.cli", "gateway"], env)
+        if not gw.embedded_io_worker:  # io jobs still need a worker: one of its own
+            self.start_child("io worker", [sys.executable, "-m", "clients.cli", "io-worker"], env)
         self.start_child("worker", [sys.executable, "-m", "clients.cli", "worker"], env)
         self.gpus = visible_gpus()
         gpu_env = dict(env)
@@ -216,8 +218,13 @@ class Stack:
                 f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
                 f"  dashboard  {base}/dashboard",
                 f"  redis      {self.redis_url}  ({self.redis_origin})",
-                f"  io worker  embedded in the gateway"
-                f"{'' if gw.embedded_io_worker else ' (off: COREFLEET_EMBEDDED_IO_WORKER=0)'}",
+                "  io worker  "
+                + (
+                    "embedded in the gateway"
+                    if gw.embedded_io_worker
+                    else "a process of its own (COREFLEET_EMBEDDED_IO_WORKER=0)"
+                )
+                + f", queues {','.join(self.settings.io.queues)}",
                 f"  worker     Celery prefork, queues {','.join(self.settings.celery.queues)}",
                 "  gpu worker "
                 + (

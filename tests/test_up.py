@@ -82,12 +82,18 @@ def test_up_starts_embedded_redis_serves_a_job_and_stops_cleanly(tmp_path: Path)
 
 def test_the_stack_stops_when_up_is_killed_outright(tmp_path: Path) -> None:
     """A SIGKILL gives up no chance to stop its children: each gets a SIGTERM from the
-    kernel (the parent-death signal) and stops on its own, grandchildren included."""
-    proc, log = _up(tmp_path, free_port(), free_port(), free_port())
+    kernel (the parent-death signal) and stops on its own, grandchildren included. (With
+    the gateway's embedded io worker off, up runs one in a process of its own.)"""
+    port = free_port()
+    proc, log = _up(tmp_path, free_port(), port, free_port(), COREFLEET_EMBEDDED_IO_WORKER="0")
     try:
         wait_until(lambda: "corefleet is up" in (tmp_path / "up.log").read_text(), 90, "up")
+        assert "io worker  a process of its own" in (tmp_path / "up.log").read_text()
+        done = _call(f"http://127.0.0.1:{port}/v1/jobs?wait=30", {"task": "io.echo", "args": [1]})
+        assert done["state"] == "succeeded" and done["result"] == 1, done
         tree = process_tree(proc.pid) - {proc.pid}
-        assert len(tree) >= 4  # the embedded Redis, the gateway, the worker, Flower
+        # The embedded Redis, the gateway, the io worker, the worker, Flower.
+        assert len(tree) >= 5
         proc.kill()
         proc.wait(10)
         wait_until(lambda: not any(alive(pid) for pid in tree), 60, "children to exit")
@@ -99,16 +105,17 @@ def test_the_stack_stops_when_up_is_killed_outright(tmp_path: Path) -> None:
 
 
 def _up(
-    tmp_path: Path, redis_port: int, port: int, flower_port: int
+    tmp_path: Path, redis_port: int, port: int, flower_port: int, **extra_env: str
 ) -> tuple[subprocess.Popen[bytes], IO[str]]:
-    """`corefleet up` with its own embedded Redis, data dir and ports, its output in
-    ``up.log``; and that log."""
+    """`corefleet up` with its own embedded Redis, data dir and ports (and ``extra_env``),
+    its output in ``up.log``; and that log."""
     env = env_with(
         COREFLEET_REDIS_PORT=str(redis_port),
         COREFLEET_PORT=str(port),
         COREFLEET_FLOWER_PORT=str(flower_port),
         COREFLEET_WORKER_CONCURRENCY="1",
         COREFLEET_DATA_DIR=str(tmp_path / "data"),
+        **extra_env,
     )
     env.pop("COREFLEET_REDIS_URL", None)
     log = (tmp_path / "up.log").open("w+")
