@@ -134,7 +134,11 @@ def _client_command(args: argparse.Namespace) -> int:
         else:
             job = client.cancel(args.id)
         _print(job.to_api())
-        return 0 if job.state not in (JobState.FAILED, JobState.DEAD) else 1
+        # Non-zero for a job that ended without a result; a cancel that did cancel is fine.
+        unfinished = {JobState.FAILED, JobState.DEAD, JobState.CANCELLED}
+        if args.command == "cancel":
+            unfinished.discard(JobState.CANCELLED)
+        return 1 if job.state in unfinished else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,7 +115,10 @@ def test_cli_reports_errors_and_exits_non_zero(gateway_url: str) -> None:
     assert tasks.returncode == 0 and "io.sleep" in tasks.stdout
     held = json.loads(_cli(gateway_url, "submit", "io.sleep", "30").stdout)
     cancelled = _cli(gateway_url, "cancel", held["id"])
-    assert json.loads(cancelled.stdout)["state"] == "cancelled"
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["state"] == "cancelled"
+    # Reading it back (as a script after `submit --wait` would): it has no result.
+    got = _cli(gateway_url, "get", held["id"])
+    assert got.returncode == 1 and json.loads(got.stdout)["state"] == "cancelled"
     # A malformed gateway URL is a usage error, said in one line.
     no_scheme = _cli(gateway_url.removeprefix("http://"), "tasks")
     assert no_scheme.returncode == 2 and "base_url must be http" in no_scheme.stderr
