@@ -201,6 +201,27 @@ async def test_queues_count_live_io_workers(gateway: Gateway, redis: aioredis.Re
     assert body["engines"]["asyncio"]["queues"]["io"]["workers"] == 1
 
 
+async def test_a_ray_job_may_require_a_worker_before_ray_has_started(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Until Ray's dispatcher runs, the gateway that starts it with the first Ray job checks
+    in for Ray's queue, so a Ray job asking for a live worker is taken (it used to be a 503
+    until some other Ray job had started Ray); once the gateway stops, it is not."""
+    async with asyncio.timeout(10):
+        while not await redis.zcard("cf:consumers:heavy"):  # noqa: ASYNC110  # another task's write
+            await asyncio.sleep(0.05)  # sleep-ok: the gateway checks in on start
+    _status, body = await gateway.call("GET", "/v1/queues")
+    assert body["engines"]["ray"]["state"] == "not started"
+    assert body["engines"]["ray"]["queues"]["heavy"]["workers"] == 1
+    # Delayed, so that it does not start Ray here: the check is made at the submit.
+    options = {"require_worker": True, "delay_s": 3600}
+    job = await gateway.submit("heavy.pi", 1000, **options)
+    status, _ = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200
+    await gateway.server.close()
+    assert not await redis.zcard("cf:consumers:heavy")
+
+
 async def test_events_stream_every_state_until_the_end(gateway: Gateway) -> None:
     """GET /v1/jobs/{id}/events sends queued/running/succeeded records, then closes."""
     job = await gateway.submit("io.sleep", 0.3)

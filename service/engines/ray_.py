@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service import keys
+from service import keys, presence
+from service.engines.asyncio_ import consumer_name
 from service.engines.cluster import (
     RAY_RESOURCES,
     REPROBE_S,
@@ -149,6 +151,8 @@ class RayEngine(ClusterEngine):
         self._remote: Any = None
         self._flavours: dict[tuple[str, tuple[tuple[str, Any], ...]], Any] = {}
         self._keeper: asyncio.subprocess.Process | None = None
+        #: The worker name this gateway checks in under until Ray's dispatcher runs.
+        self._stand_in = f"ray-on-demand-{consumer_name()}"
         #: Inside the dispatcher: the actors kept between jobs of a shape.
         self.runners = WarmRunners(
             settings.engines.ray_warm_runners, settings.engines.ray_task_events
@@ -162,25 +166,45 @@ class RayEngine(ClusterEngine):
         Runs in the gateway until ``stop``. Waiting jobs are enough to start: a job queued
         by a producer, or left by a gateway whose local Ray stopped with it.
         """
-        while not stop.is_set():
-            pause = 0.0
-            try:
-                if self.connected:
-                    await self._watch_keeper(stop)
-                    continue
-                if self.state != UNREACHABLE and await self._jobs_waiting():
-                    await self.ensure_started()
-                    continue
-                pause = REPROBE_S if self.state == UNREACHABLE else 0.0
-            except EngineUnavailable as exc:
-                log.warning("%s", exc)
-                pause = REPROBE_S
-            except (RedisError, OSError) as exc:
-                log.warning("cannot watch the Ray streams (%s); retrying", exc)
-                pause = 1.0
-            if pause:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), pause)
+        standing_in = 0.0  # when this gateway last checked in for Ray's dispatcher
+        try:
+            while not stop.is_set():
+                pause = 0.0
+                try:
+                    if self.connected or self.state == UNREACHABLE:
+                        if standing_in:
+                            await presence.leave(self.redis, self._stand_in, self.queues)
+                            standing_in = 0.0
+                    elif time.monotonic() - standing_in > presence.PERIOD_S:
+                        await self._stand_in_for_dispatcher()
+                        standing_in = time.monotonic()
+                    if self.connected:
+                        await self._watch_keeper(stop)
+                        continue
+                    if self.state != UNREACHABLE and await self._jobs_waiting():
+                        await self.ensure_started()
+                        continue
+                    pause = REPROBE_S if self.state == UNREACHABLE else 0.0
+                except EngineUnavailable as exc:
+                    log.warning("%s", exc)
+                    pause = REPROBE_S
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot watch the Ray streams (%s); retrying", exc)
+                    pause = 1.0
+                if pause:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), pause)
+        finally:
+            if standing_in:
+                with contextlib.suppress(RedisError, OSError):
+                    await presence.leave(self.redis, self._stand_in, self.queues)
+
+    async def _stand_in_for_dispatcher(self) -> None:
+        """Check in as a worker of Ray's queues until Ray's dispatcher runs: this gateway
+        starts it as soon as a job waits, so a job that asks for a live worker
+        (``require_worker``) may come, as it may for Dask's dispatcher in the gateway."""
+        info = {"kind": "ray-on-demand", "queues": list(self.queues)}
+        await presence.check_in(self.redis, self._stand_in, self.queues, info)
 
     async def _watch_keeper(self, stop: asyncio.Event) -> None:
         """Until ``stop``, or until the keeper ends: then Ray is unreachable (its jobs get a
