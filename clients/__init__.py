@@ -2,7 +2,7 @@
 Redis for services that enqueue without HTTP (``AsyncProducer``, ``Producer``); and, for
 a service that receives webhooks, ``verify_webhook``."""
 
-from clients.http import AsyncClient, Client
+from clients.http import AsyncClient, Client, JobPage
 from clients.producer import AsyncProducer, Producer
 from service.errors import (
     BadRequest,
@@ -52,6 +52,7 @@ __all__ = [
     "Job",
     "JobFinished",
     "JobNotFound",
+    "JobPage",
     "JobState",
     "MethodNotAllowed",
     "NotFound",

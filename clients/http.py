@@ -1,4 +1,6 @@
-"""HTTP clients: ``AsyncClient`` (aiohttp) and ``Client`` (standard library), same methods.
+"""HTTP clients: ``AsyncClient`` (aiohttp) and ``Client`` (standard library), same methods:
+``submit``, ``submit_batch``, ``get``, ``wait``, ``cancel``, ``jobs`` (the listing),
+``queues`` and ``tasks``.
 
 Both build requests and read responses with the same helpers; gateway errors come back as
 the ``service.errors`` class the gateway raised, so callers catch one error tree.
@@ -15,6 +17,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -47,6 +50,34 @@ def _submit_body(
     if options:
         body["options"] = options
     return body
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """A page of ``GET /v1/jobs``, newest first; ``next_cursor`` (None at the end) asks for
+    the next page."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def _listing_path(filters: dict[str, Any]) -> str:
+    """``/v1/jobs`` with the filters that are set (state, task, engine, queue, limit,
+    cursor) as its query."""
+    query = {name: value for name, value in filters.items() if value is not None}
+    return "/v1/jobs" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+
+
+def _page(payload: Any) -> JobPage:
+    if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
+        raise errors.TransportError("the gateway answered with something that is not a page")
+    return JobPage([_job(job) for job in payload["jobs"]], payload.get("next_cursor"))
+
+
+def _batch(payload: Any) -> list[Job]:
+    if not isinstance(payload, dict) or not isinstance(payload.get("jobs"), list):
+        raise errors.TransportError("the gateway answered with something that is not a batch")
+    return [_job(job) for job in payload["jobs"]]
 
 
 def _job(payload: Any) -> Job:
@@ -188,8 +219,32 @@ class AsyncClient:
         body = _submit_body(task, args, kwargs, options)
         return _job(await self._request("POST", "/v1/jobs", body, headers=_once(idempotency_key)))
 
+    async def submit_batch(self, jobs: list[dict[str, Any]]) -> list[Job]:
+        """Submit up to 1,000 jobs in one request, each ``{"task", "args", "kwargs",
+        "options"}`` as ``POST /v1/jobs`` takes it: all are accepted, or none is."""
+        return _batch(await self._request("POST", "/v1/jobs/batch", {"jobs": jobs}))
+
     async def get(self, job_id: str) -> Job:
         return _job(await self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    async def jobs(
+        self,
+        *,
+        state: str | None = None,
+        task: str | None = None,
+        engine: str | None = None,
+        queue: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of jobs, newest first, filtered as ``GET /v1/jobs`` filters."""
+        filters = {"state": state, "task": task, "engine": engine, "queue": queue}
+        path = _listing_path({**filters, "limit": limit, "cursor": cursor})
+        return _page(await self._request("GET", path))
+
+    async def queues(self) -> dict[str, Any]:
+        """Each engine's state and its queues' depth and workers (``GET /v1/queues``)."""
+        return dict(await self._request("GET", "/v1/queues"))
 
     async def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
         """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""
@@ -312,8 +367,32 @@ class Client:
         body = _submit_body(task, args, kwargs, options)
         return _job(self._request("POST", "/v1/jobs", body, headers=_once(idempotency_key)))
 
+    def submit_batch(self, jobs: list[dict[str, Any]]) -> list[Job]:
+        """As ``AsyncClient.submit_batch``."""
+        return _batch(self._request("POST", "/v1/jobs/batch", {"jobs": jobs}))
+
     def get(self, job_id: str) -> Job:
         return _job(self._request("GET", f"/v1/jobs/{urllib.parse.quote(job_id)}"))
+
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        task: str | None = None,
+        engine: str | None = None,
+        queue: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """As ``AsyncClient.jobs``."""
+        filters = {"state": state, "task": task, "engine": engine, "queue": queue}
+        return _page(
+            self._request("GET", _listing_path({**filters, "limit": limit, "cursor": cursor}))
+        )
+
+    def queues(self) -> dict[str, Any]:
+        """As ``AsyncClient.queues``."""
+        return dict(self._request("GET", "/v1/queues"))
 
     def wait(self, job_id: str, timeout_s: float = 60.0) -> Job:
         """The job once it is terminal; ``WaitTimeout`` if that takes over ``timeout_s``."""

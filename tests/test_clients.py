@@ -92,6 +92,39 @@ async def test_async_client_round_trip(gateway_url: str) -> None:
             await client.get("01ARZ3NDEKTSV4RRFFQ69G5FAV")
 
 
+def test_sync_client_batches_lists_and_reads_queues(gateway_url: str) -> None:
+    """Client.submit_batch stores all or none; jobs() pages through the listing with its
+    filters; queues() is GET /v1/queues."""
+    with Client(gateway_url) as client:
+        batch = client.submit_batch(
+            [{"task": "io.echo", "args": [i], "options": {"queue": "listing"}} for i in range(3)]
+        )
+        assert [job.args for job in batch] == [[0], [1], [2]]
+        with pytest.raises(errors.UnknownTask) as refused:
+            client.submit_batch([{"task": "io.echo", "args": [9]}, {"task": "no.such"}])
+        assert refused.value.detail["index"] == 1
+        first = client.jobs(queue="listing", limit=2)
+        assert [job.id for job in first.jobs] == [batch[2].id, batch[1].id]  # newest first
+        assert first.next_cursor is not None
+        rest = client.jobs(queue="listing", limit=2, cursor=first.next_cursor)
+        assert [job.id for job in rest.jobs] == [batch[0].id] and rest.next_cursor is None
+        assert client.jobs(task="no.such").jobs == []
+        queues = client.queues()
+        assert queues["engines"]["asyncio"]["queues"]["io"]["workers"] >= 0
+
+
+async def test_async_client_batches_lists_and_reads_queues(gateway_url: str) -> None:
+    """The same methods on AsyncClient."""
+    async with AsyncClient(gateway_url) as client:
+        parked = {"queue": "listing-async"}  # a queue no worker reads: they stay queued
+        batch = await client.submit_batch(
+            [{"task": "io.echo", "args": [i], "options": parked} for i in range(2)]
+        )
+        page = await client.jobs(task="io.echo", state="queued", limit=500)
+        assert {job.id for job in batch} <= {job.id for job in page.jobs}
+        assert "engines" in await client.queues()
+
+
 def test_cli_submit_wait_prints_the_result(gateway_url: str) -> None:
     """`corefleet submit io.echo '[1,2]' --wait` prints the finished record and exits 0."""
     out = _cli(gateway_url, "submit", "io.echo", "[1, 2]", "--wait")
