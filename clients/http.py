@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from service import errors
-from service.jobs import Job
+from service.jobs import Job, JobState
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # The longest ?wait a client asks for in one request; longer waits loop. A gateway whose
@@ -64,7 +64,12 @@ class JobPage:
 def _listing_path(filters: dict[str, Any]) -> str:
     """``/v1/jobs`` with the filters that are set (state, task, engine, queue, limit,
     cursor) as its query."""
-    query = {name: value for name, value in filters.items() if value is not None}
+    # A JobState is a str Enum, whose str() is its name, not its value.
+    query = {
+        name: value.value if isinstance(value, JobState) else value
+        for name, value in filters.items()
+        if value is not None
+    }
     return "/v1/jobs" + (f"?{urllib.parse.urlencode(query)}" if query else "")
 
 
@@ -230,7 +235,7 @@ class AsyncClient:
     async def jobs(
         self,
         *,
-        state: str | None = None,
+        state: str | JobState | None = None,
         task: str | None = None,
         engine: str | None = None,
         queue: str | None = None,
@@ -377,7 +382,7 @@ class Client:
     def jobs(
         self,
         *,
-        state: str | None = None,
+        state: str | JobState | None = None,
         task: str | None = None,
         engine: str | None = None,
         queue: str | None = None,

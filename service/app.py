@@ -145,7 +145,8 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
     for spec in over_ceiling(registry, app[SETTINGS]):
         log.warning(
             "task %s declares timeout_s %g, above the %d s a cpu/gpu job may run here: its "
-            "jobs are refused until COREFLEET_VISIBILITY_TIMEOUT_S is raised on every process",
+            "jobs that set no lower timeout_s are refused until COREFLEET_VISIBILITY_TIMEOUT_S "
+            "is raised on every process",
             spec.name,
             spec.timeout_s,
             time_limit_ceiling(app[SETTINGS]),

@@ -72,3 +72,18 @@ async def live(client: aioredis.Redis, queue: str) -> list[dict[str, Any]]:
         return []
     infos = await client.hmget(keys.WORKER_INFO, names)  # type: ignore[misc]  # sync/async union
     return [{"name": n, **(json.loads(i) if i else {})} for n, i in zip(names, infos, strict=True)]
+
+
+async def consumed_queues(client: aioredis.Redis, kind: str) -> set[str]:
+    """The queues workers of ``kind`` (``io``, ``celery``) said they consume when they
+    checked in; a gone worker's info lingers until its queue's next clean-up, so callers
+    pass over a queue with no live worker and nothing waiting."""
+    found: set[str] = set()
+    for raw in await client.hvals(keys.WORKER_INFO):  # type: ignore[misc]  # sync/async union
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(info, dict) and info.get("kind") == kind:
+            found |= {str(queue) for queue in info.get("queues", ())}
+    return found

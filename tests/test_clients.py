@@ -120,7 +120,7 @@ async def test_async_client_batches_lists_and_reads_queues(gateway_url: str) -> 
         batch = await client.submit_batch(
             [{"task": "io.echo", "args": [i], "options": parked} for i in range(2)]
         )
-        page = await client.jobs(task="io.echo", state="queued", limit=500)
+        page = await client.jobs(task="io.echo", state=JobState.QUEUED, limit=500)
         assert {job.id for job in batch} <= {job.id for job in page.jobs}
         assert "engines" in await client.queues()
 

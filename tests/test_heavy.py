@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from service import ids, keys
+from service import ids, keys, presence
 from service.engines.cluster import DISPATCH_CONCURRENCY, ClusterEngine, ray_options
-from service.engines.ray_ import start_ray
+from service.engines.ray_ import RayEngine, start_ray
 from service.engines.ray_dispatcher import (
     ASK_COUNTS_S,
     MIN_IN_FLIGHT,
@@ -90,7 +90,7 @@ async def heavy_gateway(
 
 
 async def test_heavy_tasks_give_their_known_answers(
-    heavy_gateway: Gateway, dask_scheduler: str, local_ray: str
+    heavy_gateway: Gateway, dask_scheduler: str, local_ray: str, redis: aioredis.Redis
 ) -> None:
     """heavy.pi, heavy.matmul_blocks (Ray) and heavy.array_stats (Dask) match NumPy."""
     pi_job = await heavy_gateway.submit("heavy.pi", 200_000, 4, 7)
@@ -123,6 +123,14 @@ async def test_heavy_tasks_give_their_known_answers(
     assert queues["engines"]["ray"]["state"] == f"connected to {local_ray}"
     assert queues["engines"]["dask"]["state"] == f"connected to {dask_scheduler}"
     assert queues["engines"]["ray"]["queues"]["heavy"]["waiting"] == 0
+    # Ray's dispatcher runs: the gateway no longer stands in for it as a worker of Ray's
+    # queue (it does until one runs, for require_worker), so the one worker is Ray's.
+    async with asyncio.timeout(30):
+        while True:
+            kinds = [w.get("kind") for w in await presence.live(redis, "heavy")]
+            if kinds == ["dispatcher"]:
+                break
+            await asyncio.sleep(0.1)  # sleep-ok: check-ins come every few seconds
 
 
 async def test_cancelling_a_running_ray_job_kills_its_ray_task(
@@ -296,6 +304,36 @@ def test_warm_runners_hold_at_most_half_of_each_resource() -> None:
     runners._runners.add(Runner(None, shape_of({"num_cpus": 0}), runners.config))
     assert not runners._room_for(shape_of({"num_cpus": 0}))  # the limit
     assert shape_of({}) == (("num_cpus", 1),)  # a Ray task's default, which an actor lacks
+
+
+async def test_a_job_counts_as_begun_in_a_dead_runner_unless_its_record_says_otherwise(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The job of a runner found dead goes as a task at once only if it never began there:
+    ``queued``, or unended and still naming the attempt it named at launch. A ``retrying``
+    job names the attempt that asked for the retry: run again now, it would skip its
+    backoff (and run twice once the retry fell due)."""
+    engine = RayEngine(redis, settings)
+    job = Job(id=ids.new_id(), task="test.ray_where", kind="heavy", engine="ray", queue="heavy")
+    cases = [  # state, attempt in the record, attempt read at launch (None: not read)
+        ("queued", None, None, True),
+        ("queued", None, "", True),
+        ("running", "a1", "a1", True),  # a lost worker's attempt, named at launch still
+        ("retrying", "a1", "a1", True),
+        ("running", "a2", "a1", False),  # begun in the runner
+        ("retrying", "a2", "a1", False),  # begun, and asked for a retry
+        ("retrying", "a1", None, False),  # not known: delivered again after the lease
+        ("succeeded", "a1", "a1", False),  # ended: nothing to run
+    ]
+    for state, attempt, before, never_began in cases:
+        await redis.delete(keys.job(job.id))
+        await redis.hset(keys.job(job.id), mapping={"state": state, "attempt_id": attempt or ""})
+        if attempt is None:
+            await redis.hdel(keys.job(job.id), "attempt_id")
+        engine._attempt_before.pop(job.id, None)
+        if before is not None:
+            engine._attempt_before[job.id] = before
+        assert await engine._never_began(job) is never_began, (state, attempt, before)
 
 
 def test_warm_runners_beyond_a_new_limit_end_when_it_comes() -> None:

@@ -212,3 +212,25 @@ async def test_a_stopping_worker_leaves_its_group_unless_it_holds_an_entry(
     await leave_group(redis, keys.streams("leaving"), keys.IO_GROUP, "holder")
     assert "holder" in await _consumers(redis, "leaving")
     assert (await redis.xpending(stream, keys.IO_GROUP))["pending"] == 1
+
+
+async def test_queues_list_every_queue_a_live_io_worker_consumes(
+    bare_gateway: Gateway, settings: Settings, redis: aioredis.Redis
+) -> None:
+    """An io-worker started on other queues than the gateway's shows in /v1/queues with its
+    jobs (as a Celery worker's --queues do), and goes once it has stopped."""
+    env = env_with(COREFLEET_REDIS_URL=settings.redis, COREFLEET_IO_QUEUES="bulk")
+    worker = Proc(["io-worker"], env)
+    try:
+        async with asyncio.timeout(30):
+            while not await redis.zcard("cf:consumers:bulk"):  # noqa: ASYNC110  # another process's write
+                await asyncio.sleep(0.05)  # sleep-ok: the worker checks in on start
+        job = await bare_gateway.submit("io.echo", "bulk", queue="bulk")
+        assert (await bare_gateway.wait(job["id"]))["result"] == "bulk"
+        _status, body = await bare_gateway.call("GET", "/v1/queues")
+        queues = body["engines"]["asyncio"]["queues"]
+        assert queues["bulk"]["workers"] == 1 and queues["io"]["workers"] == 0, queues
+    finally:
+        worker.stop()
+    _status, body = await bare_gateway.call("GET", "/v1/queues")
+    assert "bulk" not in body["engines"]["asyncio"]["queues"]

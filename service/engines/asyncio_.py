@@ -66,9 +66,14 @@ class AsyncioEngine:
         return None
 
     async def status(self) -> dict[str, Any]:
+        """This gateway's io queues, and every queue a live io worker consumes (an io-worker
+        started with other ``COREFLEET_IO_QUEUES``)."""
         queues: dict[str, Any] = {}
-        for queue in self.queues:
-            queues[queue] = await stream_status(self.redis, queue)
+        for queue in sorted(set(self.queues) | await presence.consumed_queues(self.redis, "io")):
+            status = await stream_status(self.redis, queue)
+            if queue not in self.queues and not status["workers"] and not status["waiting"]:
+                continue  # the info of a worker that is gone
+            queues[queue] = status
         return {"engine": self.name, "state": "local", "queues": queues}
 
     async def close(self) -> None:
@@ -152,11 +157,14 @@ class StreamConsumer:
         execute: Callable[[str, str, Mapping[str, str]], Awaitable[object]],
         settings: IoWorkerSettings,
         name: str | None = None,
+        kind: str = "io",
     ) -> None:
         self.redis = redis
         self.execute = execute
         self.settings = settings
         self.name = name or consumer_name()
+        #: What it says it is when it checks in: ``io`` (a worker) or ``dispatcher``.
+        self.kind = kind
         # job id -> (asyncio task, stream, entry id) for every job this worker holds
         self._held: dict[str, tuple[asyncio.Task[bool], str, str]] = {}
         #: Jobs this consumer holds that were cancelled, and the state they were in then.
@@ -413,7 +421,7 @@ class StreamConsumer:
 
     async def _check_in(self) -> None:
         info = {
-            "kind": "stream",
+            "kind": self.kind,
             "queues": list(self.settings.queues),
             "concurrency": self.settings.concurrency,
             "running": len(self._held),

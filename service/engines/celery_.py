@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
-from service import keys, presence
+from service import presence
 from service.errors import InvalidBody
 from service.jobs import Job
 from service.settings import Settings
@@ -193,8 +193,8 @@ class CeleryEngine:
         if limit > ceiling:
             raise InvalidBody(
                 f"timeout_s {limit:g} is above the {ceiling} s a cpu/gpu job may run here "
-                f"(raise COREFLEET_VISIBILITY_TIMEOUT_S to at least {math.ceil(limit)} + "
-                f"{VISIBILITY_MARGIN_S} on every process)",
+                "(raise COREFLEET_VISIBILITY_TIMEOUT_S to at least "
+                f"{math.ceil(limit) + VISIBILITY_MARGIN_S} on every process)",
                 {"max_timeout_s": ceiling},
             )
         key = celery_list(job.queue, CELERY_PRIORITY[job.priority])
@@ -211,23 +211,11 @@ class CeleryEngine:
         """The live workers of ``queue``, with their devices."""
         return await presence.live(self.redis, queue)
 
-    async def _consumed_queues(self) -> set[str]:
-        """The queues Celery workers said they consume when they checked in."""
-        found: set[str] = set()
-        for raw in await self.redis.hvals(keys.WORKER_INFO):  # type: ignore[misc]  # redis-py
-            try:
-                info = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(info, dict) and info.get("kind") == "celery":
-                found |= {str(queue) for queue in info.get("queues", ())}
-        return found
-
     async def status(self) -> dict[str, Any]:
         """cpu and gpu, and every queue a live worker consumes (``--queues``): the waiting
         jobs of each by priority, and its workers."""
         queues: dict[str, Any] = {}
-        for queue in sorted(DEFAULT_QUEUES | await self._consumed_queues()):
+        for queue in sorted(DEFAULT_QUEUES | await presence.consumed_queues(self.redis, "celery")):
             pipe = self.redis.pipeline(transaction=False)
             for key in celery_lists(queue):
                 pipe.llen(key)

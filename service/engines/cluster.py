@@ -483,7 +483,7 @@ class HeavyDispatcher:
             concurrency=DISPATCH_CONCURRENCY,
             lease_s=settings.io.lease_s,
         )
-        self.consumer = StreamConsumer(redis, self.execute, consumer_settings)
+        self.consumer = StreamConsumer(redis, self.execute, consumer_settings, kind="dispatcher")
         #: Set to stop taking jobs; running ones get the grace period of ``run``.
         self.stop = asyncio.Event()
 

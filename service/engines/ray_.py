@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -166,18 +165,11 @@ class RayEngine(ClusterEngine):
         Runs in the gateway until ``stop``. Waiting jobs are enough to start: a job queued
         by a producer, or left by a gateway whose local Ray stopped with it.
         """
-        standing_in = 0.0  # when this gateway last checked in for Ray's dispatcher
+        standing_in = asyncio.create_task(self._stand_in_for_dispatcher(stop))
         try:
             while not stop.is_set():
                 pause = 0.0
                 try:
-                    if self.connected or self.state == UNREACHABLE:
-                        if standing_in:
-                            await presence.leave(self.redis, self._stand_in, self.queues)
-                            standing_in = 0.0
-                    elif time.monotonic() - standing_in > presence.PERIOD_S:
-                        await self._stand_in_for_dispatcher()
-                        standing_in = time.monotonic()
                     if self.connected:
                         await self._watch_keeper(stop)
                         continue
@@ -195,16 +187,39 @@ class RayEngine(ClusterEngine):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause)
         finally:
-            if standing_in:
+            standing_in.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await standing_in
+
+    async def _stand_in_for_dispatcher(self, stop: asyncio.Event) -> None:
+        """Until ``stop``: while no Ray dispatcher serves Ray's queues, check in as a worker
+        of them, since this gateway starts one as soon as a job waits; so a job that asks
+        for a live worker (``require_worker``) is taken, as it is for Dask's dispatcher in
+        the gateway. Not while Ray is unreachable from here, nor once a dispatcher runs."""
+        checked_in = False
+        try:
+            while not stop.is_set():
+                try:
+                    if self.state != UNREACHABLE and not await self._dispatcher_live():
+                        checked_in = True  # before the call: a cancel may cut it short
+                        info = {"kind": "ray-on-demand", "queues": list(self.queues)}
+                        await presence.check_in(self.redis, self._stand_in, self.queues, info)
+                    elif checked_in:
+                        await presence.leave(self.redis, self._stand_in, self.queues)
+                        checked_in = False
+                except (RedisError, OSError) as exc:
+                    log.warning("cannot check in for Ray's queues (%s)", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), presence.PERIOD_S)
+        finally:
+            if checked_in:
                 with contextlib.suppress(RedisError, OSError):
                     await presence.leave(self.redis, self._stand_in, self.queues)
 
-    async def _stand_in_for_dispatcher(self) -> None:
-        """Check in as a worker of Ray's queues until Ray's dispatcher runs: this gateway
-        starts it as soon as a job waits, so a job that asks for a live worker
-        (``require_worker``) may come, as it may for Dask's dispatcher in the gateway."""
-        info = {"kind": "ray-on-demand", "queues": list(self.queues)}
-        await presence.check_in(self.redis, self._stand_in, self.queues, info)
+    async def _dispatcher_live(self) -> bool:
+        """Whether a Ray dispatcher (of any gateway) has checked in for Ray's queues."""
+        workers = await presence.live(self.redis, self.queues[0])
+        return any(worker.get("kind") == "dispatcher" for worker in workers)
 
     async def _watch_keeper(self, stop: asyncio.Event) -> None:
         """Until ``stop``, or until the keeper ends: then Ray is unreachable (its jobs get a
@@ -373,14 +388,18 @@ class RayEngine(ClusterEngine):
         await self._wait(handle.task)
 
     async def _never_began(self, job: Job) -> bool:
-        """Whether the record says ``job`` has not begun since its launch: waiting still,
-        or running from the attempt it named at launch (a lost worker's, if known)."""
+        """Whether the record says ``job`` has not begun since its launch: ``queued`` (no
+        attempt ever began), or not ended and still naming the attempt it named at launch,
+        where that was read (jobs with a time limit). Every begin names a new attempt; a
+        ``retrying`` job names the attempt that asked for the retry, so it counts as begun
+        unless that attempt is the one named at launch."""
         record = keys.job(job.id)
         state, attempt = await self.redis.hmget(record, ["state", "attempt_id"])  # type: ignore[misc]
-        if state in (JobState.QUEUED.value, JobState.RETRYING.value):
+        if state == JobState.QUEUED.value:
             return True
         before = self._attempt_before.get(job.id)
-        return state == JobState.RUNNING.value and before is not None and attempt == before
+        ended = state is None or JobState(state).terminal
+        return not ended and before is not None and str(attempt or "") == before
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         import ray

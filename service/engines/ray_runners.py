@@ -170,7 +170,14 @@ class WarmRunners:
             log.warning("cannot call a warm runner: %s", exc)
             self._end(runner)
             return None
-        done = asyncio.wrap_future(ref.future())
+        try:
+            done = asyncio.wrap_future(ref.future())
+        except Exception as exc:
+            # Sent, but it cannot be waited on: end the runner, and the call with it, so
+            # that the job, going as a task, runs once.
+            log.warning("cannot wait on a warm runner: %s", exc)
+            self._end(runner)
+            return None
         done.add_done_callback(lambda finished: self._returned(runner, finished))
         runner.current = RunnerCall(runner, done)
         return runner.current
