@@ -142,7 +142,13 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "worker" and args.gpu and (args.queues or args.concurrency):
+        # Said, rather than overridden: a gpu worker has one child per GPU, on `gpu`.
+        parser.error(
+            "--gpu consumes the gpu queue with one child per GPU: no --queues or --concurrency"
+        )
     try:
         if args.command in ("submit", "get", "cancel", "tasks"):
             return _client_command(args)

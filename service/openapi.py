@@ -7,8 +7,8 @@ from typing import Any
 from service.auth import OPEN_PATHS
 from service.jobs import JobState
 from service.webhooks import MAX_URL_LENGTH
-from tasks import DEFAULT_PRIORITY, PRIORITIES
-from tasks.context import MAX_DELAY_S
+from tasks import DEFAULT_PRIORITY, MAX_RESOURCE, PRIORITIES, RESOURCE_NAMES
+from tasks.context import MAX_DELAY_S, MAX_TIMEOUT_S
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -75,7 +75,7 @@ _SUBMIT = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S},
                 "max_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
                 "queue": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,64}$"},
                 "require_worker": {"type": "boolean"},
@@ -101,8 +101,8 @@ _SUBMIT = {
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
-                        name: {"type": "number", "minimum": 0}
-                        for name in ("num_cpus", "num_gpus", "memory")
+                        name: {"type": "number", "minimum": 0, "maximum": MAX_RESOURCE}
+                        for name in RESOURCE_NAMES
                     },
                 },
             },
@@ -125,6 +125,11 @@ _JOB = {
         "state": {"type": "string", "enum": [s.value for s in JobState]},
         "attempts": {"type": "integer"},
         "max_attempts": {"type": "integer"},
+        "timeout_s": {
+            "type": ["number", "null"],
+            "description": "Its time limit, its own or its task's; null: the engine's default "
+            "(cpu/gpu: COREFLEET_DEFAULT_TIME_LIMIT_S; io and heavy: none)",
+        },
         "result": {},
         "error": {
             "type": ["object", "null"],
@@ -263,6 +268,8 @@ def _document() -> dict[str, Any]:
                             "name": "wait",
                             "in": "query",
                             "required": False,
+                            "description": "Seconds to hold the request until the job is "
+                            "terminal, at most COREFLEET_MAX_WAIT_S (a 400 names it)",
                             "schema": {"type": "number", "minimum": 0},
                         },
                         {
@@ -311,6 +318,8 @@ def _document() -> dict[str, Any]:
                             "name": "wait",
                             "in": "query",
                             "required": False,
+                            "description": "Seconds to hold the request until the job is "
+                            "terminal, at most COREFLEET_MAX_WAIT_S (a 400 names it)",
                             "schema": {"type": "number", "minimum": 0},
                         },
                     ],

@@ -74,8 +74,12 @@ async def test_a_task_past_its_time_limit_fails(gateway: Gateway) -> None:
 async def test_a_per_job_timeout_overrides_the_task(gateway: Gateway) -> None:
     """options.timeout_s limits a job below its task's default."""
     job = await gateway.submit("io.sleep", 5, timeout_s=0.1)
+    assert job["timeout_s"] == 0.1  # the record shows the limit it runs under
     done = await gateway.wait(job["id"])
     assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded"
+    pi = await gateway.submit("heavy.pi", 100, delay_s=3600)  # its task's limit; not run here
+    assert pi["timeout_s"] == 3600
+    await gateway.call("DELETE", f"/v1/jobs/{pi['id']}")
 
 
 @pytest.mark.parametrize("task", ["test.unserialisable", "test.not_a_number"])

@@ -152,6 +152,16 @@ def test_cli_reports_errors_and_exits_non_zero(gateway_url: str) -> None:
     # Reading it back (as a script after `submit --wait` would): it has no result.
     got = _cli(gateway_url, "get", held["id"])
     assert got.returncode == 1 and json.loads(got.stdout)["state"] == "cancelled"
+    # A gpu worker's queue and children are the GPUs': said, not silently overridden.
+    gpu = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "worker", "--gpu", "--concurrency", "4"],
+        cwd=ROOT,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert gpu.returncode == 2 and "--gpu consumes the gpu queue" in gpu.stderr
     # A malformed gateway URL is a usage error, said in one line.
     no_scheme = _cli(gateway_url.removeprefix("http://"), "tasks")
     assert no_scheme.returncode == 2 and "base_url must be http" in no_scheme.stderr
