@@ -616,8 +616,11 @@ READY_CHECK_S = 2.0
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Redis and every started engine answer (readiness), each asked at once and given
-    ``READY_CHECK_S``: the answer comes well within the request deadline."""
+    """Ready while Redis answers: without it nothing is stored or read. Each engine's state
+    is reported beside it but does not count: a Ray or Dask that does not answer refuses its
+    own jobs, and the gateway must stay in service for everything else (every gateway sees
+    the same cluster, so counting it would take them all out together). Each is asked at
+    once and given ``READY_CHECK_S``: the answer comes well within the request deadline."""
 
     async def check(name: str, probe: Awaitable[Any]) -> tuple[str, str]:
         try:
@@ -630,7 +633,7 @@ async def readyz(request: web.Request) -> web.Response:
     probes: dict[str, Awaitable[Any]] = {"redis": _ping(request.app[REDIS])}
     probes |= {name: engine.status() for name, engine in request.app[ENGINES].items()}
     checks = dict(await asyncio.gather(*(check(name, p) for name, p in probes.items())))
-    ready = all(value == "ok" for value in checks.values())
+    ready = checks["redis"] == "ok"
     return web.json_response(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503
     )

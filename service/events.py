@@ -40,7 +40,10 @@ async def listen(
             while True:
                 message = await pubsub.get_message(timeout=None)
                 if message is not None and message["type"] == "message":
-                    on_message(message["data"])
+                    try:
+                        on_message(message["data"])
+                    except Exception:  # one odd message (another program's) must not end it
+                        log.exception("cannot handle a message on %s", channel)
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("lost the %s subscription (%s); resubscribing", channel, exc)
             await asyncio.sleep(0.2)  # back off before reconnecting to a Redis that is down

@@ -7,6 +7,7 @@ A job is the same thing whatever engine runs it: one id, one record (a Redis has
 from __future__ import annotations
 
 import json
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -210,7 +211,7 @@ class Job:
             "queue": self.queue,
             "args": self.args,
             "kwargs": self.kwargs,
-            "options": self.options,
+            "options": _shown_options(self.options),
             "state": self.state.value,
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
@@ -224,3 +225,16 @@ class Job:
             "progress": self.progress,
             "links": {"self": f"/v1/jobs/{self.id}", "events": f"/v1/jobs/{self.id}/events"},
         }
+
+
+def shown_url(url: str) -> str:
+    """A webhook URL as it may be shown (records, logs): its scheme and host only. Its path
+    and query often carry the receiver's secret (a chat service's hook, ``?token=``)."""
+    parts = urllib.parse.urlsplit(url)
+    rest = "/..." if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{rest}"
+
+
+def _shown_options(options: dict[str, Any]) -> dict[str, Any]:
+    url = options.get("webhook")
+    return {**options, "webhook": shown_url(url)} if isinstance(url, str) else options

@@ -22,12 +22,17 @@ SILENCE_S = 15.0
 PERIOD_S = SILENCE_S / 3
 
 
+#: A worker silent this long is forgotten: its check-ins and what it said are removed.
+FORGET_S = 4 * SILENCE_S
+
+
 def _commands(name: str, queues: tuple[str, ...], info: dict[str, Any]) -> list[tuple[Any, ...]]:
     now = time.time()
-    commands: list[tuple[Any, ...]] = [("HSET", keys.WORKER_INFO, name, json.dumps(info))]
+    said = json.dumps({**info, "seen": now})
+    commands: list[tuple[Any, ...]] = [("HSET", keys.WORKER_INFO, name, said)]
     for queue in queues:
         commands.append(("ZADD", keys.consumers(queue), now, name))
-        commands.append(("ZREMRANGEBYSCORE", keys.consumers(queue), 0, now - 4 * SILENCE_S))
+        commands.append(("ZREMRANGEBYSCORE", keys.consumers(queue), 0, now - FORGET_S))
     return commands
 
 
@@ -75,15 +80,25 @@ async def live(client: aioredis.Redis, queue: str) -> list[dict[str, Any]]:
 
 
 async def consumed_queues(client: aioredis.Redis, kind: str) -> set[str]:
-    """The queues workers of ``kind`` (``io``, ``celery``) said they consume when they
-    checked in; a gone worker's info lingers until its queue's next clean-up, so callers
-    pass over a queue with no live worker and nothing waiting."""
+    """The queues live workers of ``kind`` (``io``, ``celery``) said they consume when they
+    checked in. What a worker killed outright said is removed here once it has been silent
+    for ``FORGET_S`` (one that stopped cleanly removed it itself)."""
     found: set[str] = set()
-    for raw in await client.hvals(keys.WORKER_INFO):  # type: ignore[misc]  # sync/async union
+    forgotten: list[str] = []
+    now = time.time()
+    said: dict[str, str] = await client.hgetall(keys.WORKER_INFO)  # type: ignore[misc]  # sync/async union
+    for name, raw in said.items():
         try:
             info = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(info, dict) and info.get("kind") == kind:
+        if not isinstance(info, dict):
+            continue
+        seen = info.get("seen")
+        if not isinstance(seen, (int, float)) or now - seen > FORGET_S:
+            forgotten.append(name)
+        elif info.get("kind") == kind and now - seen <= SILENCE_S:
             found |= {str(queue) for queue in info.get("queues", ())}
+    if forgotten:
+        await client.hdel(keys.WORKER_INFO, *forgotten)  # type: ignore[misc]  # sync/async union
     return found

@@ -71,7 +71,7 @@ class JobRunner:
         except TimeLimitExceeded as exc:
             return await self._failed(job, JobError("TimeLimitExceeded", str(exc)))
         except Exception as exc:
-            return await self._failed(job, error_of(exc), retry_delay(spec, job, exc))
+            return await self._failed(job, error_of(exc), retry_delay(spec, job, exc), exc)
         try:
             # NaN and infinity are not JSON: no client could read such a result back.
             result_json = json.dumps(value, allow_nan=False)
@@ -154,10 +154,15 @@ class JobRunner:
         return report
 
     async def _failed(
-        self, job: Job, error: JobError, retry_in: float | None = None
+        self,
+        job: Job,
+        error: JobError,
+        retry_in: float | None = None,
+        raised: BaseException | None = None,
     ) -> JobState | None:
         """End the attempt: failed; with ``retry_in``, retrying after that many seconds,
-        or dead when this was the job's last attempt."""
+        or dead when this was the job's last attempt. What the task ``raised`` goes to the
+        worker's log with its traceback (the record keeps its type and message only)."""
         if retry_in is None:
             state = JobState.FAILED
         elif job.attempts < job.max_attempts:
@@ -168,11 +173,20 @@ class JobRunner:
                 retry_in,
                 error.type,
                 error.message,
+                exc_info=raised,
             )
             return JobState.RETRYING if await self.store.retry(job, error, retry_in) else None
         else:
             state = JobState.DEAD
-        log.info("job %s (%s) %s: %s: %s", job.id, job.task, state.value, error.type, error.message)
+        log.info(
+            "job %s (%s) %s: %s: %s",
+            job.id,
+            job.task,
+            state.value,
+            error.type,
+            error.message,
+            exc_info=raised,
+        )
         if await self.store.fail(job.id, error, state, job.attempt_id):
             return state
         return None

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class Stack:
         s = self.settings
         if s.redis_url:
             if not redis_answers(s.redis_url):
-                raise UpError(f"COREFLEET_REDIS_URL={s.redis_url} does not answer")
+                raise UpError(f"COREFLEET_REDIS_URL={shown(s.redis_url)} does not answer")
             self.redis_url, self.redis_origin = s.redis_url, "configured"
             return
         url = f"redis://127.0.0.1:{s.redis_port}/0"
@@ -217,7 +218,7 @@ class Stack:
                 "corefleet is up",
                 f"  gateway    {base}  (API {base}/v1/jobs, OpenAPI {base}/openapi.json)",
                 f"  dashboard  {base}/dashboard",
-                f"  redis      {self.redis_url}  ({self.redis_origin})",
+                f"  redis      {shown(self.redis_url)}  ({self.redis_origin})",
                 "  io worker  "
                 + (
                     "embedded in the gateway"
@@ -239,6 +240,16 @@ class Stack:
                 "Ctrl-C stops everything.",
             ]
         )
+
+
+def shown(url: str) -> str:
+    """``url`` with its password masked, for what is printed (terminals, journals)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _listening(host: str, port: int) -> bool:

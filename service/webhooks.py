@@ -42,6 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 from service import ids, keys
 from service.engines.asyncio_ import consumer_name, create_group, leave_group
 from service.errors import InvalidBody
+from service.jobs import shown_url
 from service.settings import DEFAULT_PORTS, WebhookSettings, webhook_addresses
 from service.store import LUA_DIR, JobStore
 
@@ -298,7 +299,12 @@ class WebhookSender:
         if ok:
             await self._record(entry_id, "delivered")
         else:
-            log.warning("webhook of job %s to %s failed (%s); will try again", job.id, url, problem)
+            log.warning(
+                "webhook of job %s to %s failed (%s); will try again",
+                job.id,
+                shown_url(url),
+                problem,
+            )
             await self._record(entry_id, "failed")
 
     async def _record(self, entry_id: str, outcome: str = "") -> None:

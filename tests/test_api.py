@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,11 +59,17 @@ async def test_io_http_get_reports_status_headers_and_length(
     assert result["elapsed_s"] >= 0
 
 
-async def test_a_raising_task_fails_with_its_own_error(gateway: Gateway) -> None:
-    """A task's exception becomes error {type, message}; no traceback reaches the client."""
-    done = await gateway.wait((await gateway.submit("test.boom", "kaput"))["id"])
+async def test_a_raising_task_fails_with_its_own_error(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task's exception becomes error {type, message}; no traceback reaches the client,
+    while the worker's log has it, so that the failing line can be found."""
+    with caplog.at_level(logging.INFO, logger="corefleet.runner"):
+        done = await gateway.wait((await gateway.submit("test.boom", "kaput"))["id"])
     assert done["state"] == "failed"
     assert done["error"] == {"type": "ValueError", "message": "kaput"}
+    logged = [r for r in caplog.records if done["id"] in r.getMessage()]
+    assert logged and logged[0].exc_text and "in boom" in logged[0].exc_text, caplog.text
 
 
 async def test_a_task_past_its_time_limit_fails(gateway: Gateway) -> None:

@@ -457,6 +457,10 @@ async def test_an_unreachable_engine_address_gives_503_and_io_goes_on(
         status, queues = await gateway.call("GET", "/v1/queues")
         assert queues["engines"]["ray"]["state"] == "unreachable"
         assert queues["engines"]["dask"]["state"] == "unreachable"
+        # Still ready: every gateway sees the same cluster, and must stay in service.
+        status, ready = await gateway.call("GET", "/readyz")
+        assert status == 200, ready
+        assert ready["checks"]["ray"] == ready["checks"]["dask"] == "unreachable"
     finally:
         await session.close()
         await server.close()

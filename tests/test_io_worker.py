@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -234,3 +235,19 @@ async def test_queues_list_every_queue_a_live_io_worker_consumes(
         worker.stop()
     _status, body = await bare_gateway.call("GET", "/v1/queues")
     assert "bulk" not in body["engines"]["asyncio"]["queues"]
+
+
+async def test_what_a_worker_killed_outright_said_is_forgotten(
+    bare_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A worker killed outright never takes back what it said when it checked in: once it
+    has been silent long enough, the next look at the queues removes it, so the hash of
+    what workers said does not grow with every worker that ever crashed."""
+    long_ago = time.time() - 10 * 60
+    said = {"kind": "io", "queues": ["ghost"], "seen": long_ago}
+    await redis.hset("cf:worker-info", "killed-worker", json.dumps(said))
+    await redis.hset("cf:worker-info", "older-format", json.dumps({"kind": "io"}))
+    _status, body = await bare_gateway.call("GET", "/v1/queues")
+    assert "ghost" not in body["engines"]["asyncio"]["queues"]
+    assert not await redis.hexists("cf:worker-info", "killed-worker")
+    assert not await redis.hexists("cf:worker-info", "older-format")

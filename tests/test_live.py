@@ -223,3 +223,19 @@ async def test_a_cpu_task_reports_progress_from_a_celery_child(
     done = await gateway.wait(job["id"])
     assert done["state"] == "succeeded" and done["result"] is True
     assert await wait_state(redis, job["id"], "succeeded") == "succeeded"
+
+
+async def test_an_odd_message_on_the_events_channel_stops_no_feed(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Another program's message on the events channel (not JSON) is logged and passed
+    over: the gateway's subscription goes on, and feeds and waits with it."""
+    async with gateway.session.get(f"{gateway.url}/v1/events") as response:
+        assert response.status == 200
+        events = sse(response)
+        await redis.publish("cf:events", "not json")
+        job = await gateway.submit("io.echo", 1)
+        name, change = await next_for(events, job["id"])
+        assert (name, change["id"]) == ("job", job["id"])
+    done = await gateway.wait(job["id"])
+    assert done["state"] == "succeeded"

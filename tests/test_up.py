@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from service.settings import GatewaySettings, Settings
-from service.up import Stack, UpError
+from service.up import Stack, UpError, shown
 from tests.procs import ROOT, alive, env_with, free_port, http_ok, process_tree, wait_until
 
 
@@ -169,3 +169,14 @@ def test_a_second_up_on_the_same_data_dir_or_ports_is_refused(tmp_path: Path) ->
         settings = Settings(gateway=GatewaySettings(port=port))
         with pytest.raises(UpError, match=f"already listens on 127.0.0.1:{port}"):
             Stack(settings).check_ports()
+
+
+def test_up_prints_a_redis_url_without_its_password() -> None:
+    """The banner and errors go to terminals and journals: a Redis password never does."""
+    assert shown("redis://:s3cret@redis.internal:6379/0") == "redis://:***@redis.internal:6379/0"
+    assert shown("rediss://app:s3cret@[::1]:6380/2") == "rediss://app:***@[::1]:6380/2"
+    assert shown("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    stack = Stack(Settings(redis_url="redis://:s3cret@127.0.0.1:1/0"))
+    with pytest.raises(UpError) as refused:
+        stack.resolve_redis()
+    assert "s3cret" not in str(refused.value) and ":***@" in str(refused.value)

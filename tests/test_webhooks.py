@@ -96,7 +96,10 @@ async def hooked(
 async def test_a_finished_job_is_posted_to_its_webhook_signed(
     hooked: Gateway, receiver: Receiver, redis: aioredis.Redis
 ) -> None:
-    job = await hooked.submit("io.echo", {"hello": "hook"}, webhook=receiver.url)
+    secret_url = receiver.url + "?token=receivers-own-secret"
+    job = await hooked.submit("io.echo", {"hello": "hook"}, webhook=secret_url)
+    # The URL's path and query are the receiver's secret: records show its host only.
+    assert job["options"]["webhook"] == receiver.url.removesuffix("/hook") + "/..."
     delivery = await receiver.next()
     record = delivery.record
     assert (record["id"], record["state"]) == (job["id"], "succeeded")
