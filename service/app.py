@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from service import ids
 from service.auth import token_auth
@@ -42,7 +43,7 @@ from service.errors import (
 from service.events import EventHub, Feed, Watch
 from service.jobs import Job, JobState
 from service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from service.metrics import HttpMetrics, render
+from service.metrics import HttpMetrics, exposition, stored_families
 from service.middleware import OPEN_STREAM, Deadlines, json_errors
 from service.openapi import openapi_document
 from service.runner import JobRunner
@@ -599,10 +600,21 @@ async def _queues(app: web.Application) -> dict[str, Any]:
     return {"engines": engines, "delayed": await app[STORE].delayed()}
 
 
+#: How long /metrics waits for Redis before it answers with what it has without it.
+METRICS_STORE_S = 2.0
+
+
 async def metrics(request: web.Request) -> web.Response:
-    """Job counters, queue gauges and HTTP metrics in Prometheus' text format."""
-    queues = await _queues(request.app)
-    text = await render(request.app[REDIS], queues, request.app[HTTP_METRICS])
+    """Job counters, queue gauges and HTTP metrics in Prometheus' text format; while Redis
+    does not answer, ``corefleet_redis_up 0`` and the HTTP metrics only."""
+    stored: list[str] | None
+    try:
+        async with asyncio.timeout(METRICS_STORE_S):
+            stored = await stored_families(request.app[REDIS], await _queues(request.app))
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning("metrics without Redis's part: %s", exc or type(exc).__name__)
+        stored = None
+    text = exposition(stored, request.app[HTTP_METRICS])
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

@@ -96,9 +96,24 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-async def render(redis: aioredis.Redis, queues: Mapping[str, Any], http: HttpMetrics) -> str:
-    """The whole exposition: job counters, queue gauges (``queues`` as /v1/queues shows
-    them) and HTTP metrics."""
+def exposition(stored: list[str] | None, http: HttpMetrics) -> str:
+    """The whole exposition: what is read from Redis (``stored_families``; None while
+    Redis does not answer), whether it answered, and this gateway's HTTP metrics, which
+    are served either way (a scrape that failed whole would lose them when they matter)."""
+    lines = list(stored or [])
+    lines += _family(
+        "corefleet_redis_up",
+        "gauge",
+        "1 when Redis answered this scrape; 0 when it did not (only HTTP metrics follow).",
+        [({}, 0.0 if stored is None else 1.0)],
+    )
+    lines += _http(http)
+    return "\n".join(lines) + "\n"
+
+
+async def stored_families(redis: aioredis.Redis, queues: Mapping[str, Any]) -> list[str]:
+    """Job counters, queue gauges (``queues`` as /v1/queues shows them) and webhook
+    counts: what every gateway reads alike from Redis."""
     raw: dict[str, str] = await redis.hgetall(keys.STATS)  # type: ignore[misc]  # redis-py
     lines: list[str] = []
     by_metric: dict[str, list[tuple[dict[str, str], float]]] = {}
@@ -120,8 +135,7 @@ async def render(redis: aioredis.Redis, queues: Mapping[str, Any], http: HttpMet
         [({}, float(queues["delayed"]))],
     )
     lines += await _webhooks(redis)
-    lines += _http(http)
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 async def _webhooks(redis: aioredis.Redis) -> list[str]:

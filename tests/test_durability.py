@@ -177,6 +177,11 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
         accepted = await gateway.submit("io.echo", 1)
         os.kill(own.proc.pid, signal.SIGSTOP)
         body = {"task": "io.echo", "args": [2]}
+
+        async def scrape() -> tuple[int, str]:
+            async with session.get(f"{gateway.url}/metrics") as response:
+                return response.status, await response.text()
+
         async with asyncio.timeout(3 * quick_give_up):  # each would hang without it
             answers = await asyncio.gather(
                 gateway.call("POST", "/v1/jobs", json=body),
@@ -185,7 +190,12 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
                 gateway.call("GET", "/v1/jobs"),
                 gateway.call("GET", "/readyz"),
             )
+            metrics_status, metrics = await scrape()
         *stored, (ready_status, ready) = answers
+        # A scrape still answers, says Redis did not, and keeps the HTTP metrics.
+        assert metrics_status == 200 and "\ncorefleet_redis_up 0\n" in metrics, metrics
+        assert "corefleet_http_requests_total{" in metrics
+        assert "corefleet_jobs_submitted_total" not in metrics
         for status, reply in stored:
             assert status == 503 and reply["error"]["code"] == "store_unavailable", reply
         # Readiness says which check failed, within its own time.
@@ -194,6 +204,7 @@ async def test_a_redis_that_never_answers_gets_a_503_not_a_hang(
         status, job = await gateway.call("GET", f"/v1/jobs/{accepted['id']}")
         assert status == 200 and job["state"] == "queued"
         assert (await gateway.submit("io.echo", 3))["state"] == "queued"
+        assert "\ncorefleet_redis_up 1\n" in (await scrape())[1]
     finally:
         os.kill(own.proc.pid, signal.SIGCONT)
         await session.close()
