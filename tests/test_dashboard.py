@@ -11,7 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from playwright.async_api import Page, async_playwright, expect
 
+from service.settings import Settings
 from tests.conftest import Gateway
+from tests.procs import Proc, env_with
 
 #: Chromium's own names, then the place a user may name another Chromium-based browser.
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -90,6 +92,22 @@ async def test_jobs_appear_and_finish_on_the_page_as_they_happen(
     second = await gateway.submit("io.echo", 2)
     await expect(jobs.first).to_have_attribute("data-id", second["id"])  # newest first
     await expect(jobs).to_have_count(3)
+
+
+async def test_workers_coming_show_without_any_job_event(
+    gateway: Gateway, page: Page, settings: Settings
+) -> None:
+    """A worker that starts (no job event says so) shows in the engines and queues table
+    within its re-read, every 10 s."""
+    bulk = page.locator("#engines tbody tr", has_text="bulk")
+    await expect(bulk).to_have_count(0)
+    worker = Proc(
+        ["io-worker"], env_with(COREFLEET_REDIS_URL=settings.redis, COREFLEET_IO_QUEUES="bulk")
+    )
+    try:
+        await expect(bulk).to_have_count(1, timeout=30_000)
+    finally:
+        worker.stop()
 
 
 async def test_older_jobs_are_shown_page_by_page(gateway: Gateway, page: Page) -> None:

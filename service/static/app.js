@@ -1,4 +1,6 @@
-// corefleet's dashboard: the public API, pushed by GET /v1/events; no polling.
+// corefleet's dashboard: the public API, pushed by GET /v1/events. Only the engines and
+// queues table is also read every QUEUES_EVERY_MS: workers coming and going, or an engine
+// becoming unreachable, are no job events.
 // Every value from the API is rendered with textContent, never as markup.
 "use strict";
 
@@ -13,6 +15,8 @@ let reloading = false; // a listing is on its way
 let changedMeanwhile = false; // events arrived while it was
 let reloadTimer = null;
 let queuesTimer = null;
+const QUEUES_EVERY_MS = 10000;
+let queuesEvery = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -350,6 +354,9 @@ async function cancelSelected() {
 function start() {
   reloadTasks().catch((error) => error instanceof Unauthorized || console.warn("reading the tasks failed", error));
   follow();
+  if (queuesEvery === null) {
+    queuesEvery = setInterval(() => document.hidden || scheduleQueues(), QUEUES_EVERY_MS);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
