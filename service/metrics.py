@@ -60,6 +60,8 @@ class HttpMetrics:
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         key = (method, route, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
+        if route.endswith("/events"):
+            return  # an event stream lasts as long as its client: no request duration
         counts, total = self.durations.get((method, route), ([0] * (len(BUCKETS) + 1), 0.0))
         for i, bound in enumerate(BUCKETS):
             if seconds <= bound:

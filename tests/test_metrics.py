@@ -3,6 +3,8 @@ from the engines, and the gateway's own HTTP metrics, in Prometheus' text format
 
 from __future__ import annotations
 
+import asyncio
+
 import redis.asyncio as aioredis
 
 from service import keys
@@ -44,6 +46,8 @@ async def test_http_requests_are_counted_by_route_not_by_id(bare_gateway: Gatewa
     await bare_gateway.call("GET", "/v1/jobs/not-an-id")
     await bare_gateway.call("GET", "/no/such/route")
     await bare_gateway.call("PROPFIND", "/v1/jobs")  # a method not counted by name
+    async with bare_gateway.session.get(f"{bare_gateway.url}/v1/jobs/{made[0]}/events") as feed:
+        assert feed.status == 200  # its job is queued: the stream stays open until we leave
     got = await scrape_metrics(bare_gateway)
     requests = "corefleet_http_requests_total"
     assert got[f'{requests}{{method="POST",route="/v1/jobs",status="202"}}'] == 2
@@ -54,6 +58,14 @@ async def test_http_requests_are_counted_by_route_not_by_id(bare_gateway: Gatewa
     count = 'corefleet_http_request_duration_seconds_count{method="POST",route="/v1/jobs"}'
     inf = 'corefleet_http_request_duration_seconds_bucket{method="POST",route="/v1/jobs",le="+Inf"}'
     assert got[count] == got[inf] == 2
+    # An event stream is counted (once its client has left), but lasts as long as its
+    # client: no duration for it.
+    events = 'route="/v1/jobs/{id}/events"'
+    async with asyncio.timeout(10):
+        while not [name for name in got if name.startswith(requests) and events in name]:
+            await asyncio.sleep(0.05)  # sleep-ok: the stream's end is counted as it unwinds
+            got = await scrape_metrics(bare_gateway)
+    assert not [name for name in got if "duration" in name and events in name]
 
 
 async def test_counters_are_shared_through_redis(
