@@ -144,7 +144,7 @@ def _client_command(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "worker" and args.gpu and (args.queues or args.concurrency):
+    if args.command == "worker" and args.gpu and (args.queues, args.concurrency) != (None, None):
         # Said, rather than overridden: a gpu worker has one child per GPU, on `gpu`.
         parser.error(
             "--gpu consumes the gpu queue with one child per GPU: no --queues or --concurrency"

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from service import ids
+from service import ids, middleware
 from service.auth import token_auth
 from service.dashboard import Dashboard
 from service.engines import build_engines
@@ -600,19 +600,17 @@ async def _queues(app: web.Application) -> dict[str, Any]:
     return {"engines": engines, "delayed": await app[STORE].delayed()}
 
 
-#: How long /metrics waits for Redis before it answers with what it has without it.
-METRICS_STORE_S = 2.0
-
-
 async def metrics(request: web.Request) -> web.Response:
     """Job counters, queue gauges and HTTP metrics in Prometheus' text format; while Redis
     does not answer, ``corefleet_redis_up 0`` and the HTTP metrics only."""
     stored: list[str] | None
     try:
-        async with asyncio.timeout(METRICS_STORE_S):
+        # Two thirds of the request's deadline (4 s): a slow Redis still gets its many
+        # round trips, and a hung one leaves time to answer without it.
+        async with asyncio.timeout(middleware.STORE_DEADLINE_S * 2 / 3):
             stored = await stored_families(request.app[REDIS], await _queues(request.app))
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("metrics without Redis's part: %s", exc or type(exc).__name__)
+        log.warning("metrics without Redis's part: %s", str(exc) or type(exc).__name__)
         stored = None
     text = exposition(stored, request.app[HTTP_METRICS])
     return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -74,3 +74,9 @@ def consumers(queue: str) -> str:
 
 #: Hash: worker name -> JSON of what the worker says about itself (queues, GPUs, ...).
 WORKER_INFO = PREFIX + "worker-info"
+
+
+def known_queues(kind: str) -> str:
+    """Set of the queues workers of ``kind`` (``io``, ``celery``) ever said they consume:
+    listed until nothing waits on them and nobody consumes them."""
+    return f"{PREFIX}known-queues:{kind}"

@@ -30,6 +30,8 @@ def _commands(name: str, queues: tuple[str, ...], info: dict[str, Any]) -> list[
     now = time.time()
     said = json.dumps({**info, "seen": now})
     commands: list[tuple[Any, ...]] = [("HSET", keys.WORKER_INFO, name, said)]
+    if queues and isinstance(info.get("kind"), str):
+        commands.append(("SADD", keys.known_queues(info["kind"]), *queues))
     for queue in queues:
         commands.append(("ZADD", keys.consumers(queue), now, name))
         commands.append(("ZREMRANGEBYSCORE", keys.consumers(queue), 0, now - FORGET_S))
@@ -79,26 +81,42 @@ async def live(client: aioredis.Redis, queue: str) -> list[dict[str, Any]]:
     return [{"name": n, **(json.loads(i) if i else {})} for n, i in zip(names, infos, strict=True)]
 
 
-async def consumed_queues(client: aioredis.Redis, kind: str) -> set[str]:
-    """The queues live workers of ``kind`` (``io``, ``celery``) said they consume when they
-    checked in. What a worker killed outright said is removed here once it has been silent
-    for ``FORGET_S`` (one that stopped cleanly removed it itself)."""
-    found: set[str] = set()
-    forgotten: list[str] = []
+async def known_queues(client: aioredis.Redis, kind: str) -> set[str]:
+    """The queues workers of ``kind`` (``io``, ``celery``) said they consume, live or not:
+    a queue whose workers all crashed keeps its backlog in view (``forget_queue`` once
+    it is empty and unconsumed). Also forgets what workers killed outright said."""
+    await _forget_the_silent(client)
+    return set(await client.smembers(keys.known_queues(kind)))  # type: ignore[misc]  # sync/async union
+
+
+async def forget_queue(client: aioredis.Redis, kind: str, queue: str) -> None:
+    """Stop listing ``queue`` (nothing waits on it and nobody consumes it)."""
+    await client.srem(keys.known_queues(kind), queue)  # type: ignore[misc]  # sync/async union
+
+
+async def _forget_the_silent(client: aioredis.Redis) -> None:
+    """Remove what workers silent for ``FORGET_S`` said (one that stopped cleanly removed
+    it itself; one killed outright never does). An entry without its check-in time (an
+    older corefleet's) goes only once its worker is live on none of its queues."""
     now = time.time()
     said: dict[str, str] = await client.hgetall(keys.WORKER_INFO)  # type: ignore[misc]  # sync/async union
+    forgotten: list[str] = []
     for name, raw in said.items():
         try:
             info = json.loads(raw)
         except ValueError:
-            continue
+            info = None
         if not isinstance(info, dict):
+            forgotten.append(name)
             continue
         seen = info.get("seen")
-        if not isinstance(seen, (int, float)) or now - seen > FORGET_S:
+        if isinstance(seen, (int, float)):
+            if now - seen > FORGET_S:
+                forgotten.append(name)
+            continue
+        queues = [str(queue) for queue in info.get("queues", ())]
+        scores = [await client.zscore(keys.consumers(queue), name) for queue in queues]
+        if not any(score is not None and now - score <= FORGET_S for score in scores):
             forgotten.append(name)
-        elif info.get("kind") == kind and now - seen <= SILENCE_S:
-            found |= {str(queue) for queue in info.get("queues", ())}
     if forgotten:
         await client.hdel(keys.WORKER_INFO, *forgotten)  # type: ignore[misc]  # sync/async union
-    return found

@@ -173,7 +173,8 @@ class JobRunner:
                 retry_in,
                 error.type,
                 error.message,
-                exc_info=raised,
+                # A Retry is the task's own wish, not a fault: no traceback for it.
+                exc_info=None if isinstance(raised, Retry) else raised,
             )
             return JobState.RETRYING if await self.store.retry(job, error, retry_in) else None
         else:

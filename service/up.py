@@ -243,13 +243,19 @@ class Stack:
 
 
 def shown(url: str) -> str:
-    """``url`` with its password masked, for what is printed (terminals, journals)."""
+    """``url`` with its password masked, for what is printed (terminals, journals): in its
+    user part or, as redis-py also takes it, in its query (``?password=``)."""
     parts = urllib.parse.urlsplit(url)
-    if not parts.password:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if parts.password:
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    base, sep, query = url.partition("?")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(name == "password" for name, _ in pairs):
+        masked = [(name, "***" if name == "password" else value) for name, value in pairs]
+        url = base + sep + urllib.parse.urlencode(masked, safe="*")
+    return url
 
 
 def _listening(host: str, port: int) -> bool:

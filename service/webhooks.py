@@ -294,6 +294,8 @@ class WebhookSender:
             ) as response:
                 ok = 200 <= response.status < 300
                 problem = f"answered {response.status}"
+        except aiohttp.ClientResponseError as exc:  # its text holds the whole URL
+            ok, problem = False, f"{type(exc).__name__}: {exc.status}, {exc.message}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, problem = False, f"{type(exc).__name__}: {exc}"
         if ok:

@@ -24,7 +24,7 @@ async def _keys(redis: aioredis.Redis) -> set[str]:
     return {
         k
         for k in await redis.keys("*")
-        if not k.startswith("cf:consumers:") and k != "cf:worker-info"
+        if not k.startswith(("cf:consumers:", "cf:known-queues:")) and k != "cf:worker-info"
     }
 
 

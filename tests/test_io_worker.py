@@ -244,10 +244,20 @@ async def test_what_a_worker_killed_outright_said_is_forgotten(
     has been silent long enough, the next look at the queues removes it, so the hash of
     what workers said does not grow with every worker that ever crashed."""
     long_ago = time.time() - 10 * 60
-    said = {"kind": "io", "queues": ["ghost"], "seen": long_ago}
-    await redis.hset("cf:worker-info", "killed-worker", json.dumps(said))
+    # What two workers killed outright left: one on a queue since emptied, one on a queue
+    # where a job still waits; and an older corefleet's entry, without its check-in time.
+    for name, queue in (("killed-1", "ghost"), ("killed-2", "backlog")):
+        said = {"kind": "io", "queues": [queue], "seen": long_ago}
+        await redis.hset("cf:worker-info", name, json.dumps(said))
+        await redis.zadd(f"cf:consumers:{queue}", {name: long_ago})
+        await redis.sadd("cf:known-queues:io", queue)
     await redis.hset("cf:worker-info", "older-format", json.dumps({"kind": "io"}))
+    await bare_gateway.submit("io.echo", 1, queue="backlog")
     _status, body = await bare_gateway.call("GET", "/v1/queues")
-    assert "ghost" not in body["engines"]["asyncio"]["queues"]
-    assert not await redis.hexists("cf:worker-info", "killed-worker")
-    assert not await redis.hexists("cf:worker-info", "older-format")
+    queues = body["engines"]["asyncio"]["queues"]
+    assert "ghost" not in queues  # nothing waits and nobody reads it: no longer listed
+    # Its workers are gone, its backlog is not: it stays in view (and in the gauges).
+    assert (queues["backlog"]["waiting"], queues["backlog"]["workers"]) == (1, 0)
+    assert await redis.smembers("cf:known-queues:io") == {"backlog"}
+    left = set(await redis.hkeys("cf:worker-info"))  # the gateway's own dispatchers are live
+    assert not left & {"killed-1", "killed-2", "older-format"}, left

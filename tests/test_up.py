@@ -176,6 +176,10 @@ def test_up_prints_a_redis_url_without_its_password() -> None:
     assert shown("redis://:s3cret@redis.internal:6379/0") == "redis://:***@redis.internal:6379/0"
     assert shown("rediss://app:s3cret@[::1]:6380/2") == "rediss://app:***@[::1]:6380/2"
     assert shown("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert shown("unix:///run/redis.sock?db=1&password=s3cret") == (
+        "unix:///run/redis.sock?db=1&password=***"
+    )
+    assert shown("redis://h:6379/0?password=s3cret") == "redis://h:6379/0?password=***"
     stack = Stack(Settings(redis_url="redis://:s3cret@127.0.0.1:1/0"))
     with pytest.raises(UpError) as refused:
         stack.resolve_redis()

@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -293,3 +294,37 @@ async def test_a_webhook_outcome_sent_twice_is_counted_once(
     for outcome in ("failed", "delivered"):
         assert int(after.get(outcome, 0)) - int(before.get(outcome, 0)) == 1
     assert await redis.xrange(keys.WEBHOOKS, entry, entry) == []  # acknowledged and deleted
+
+
+async def test_a_failed_try_is_logged_without_the_urls_secret(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver that answers with something that is not HTTP makes aiohttp raise an
+    error whose text holds the whole URL: the log line keeps the host only."""
+    answered = asyncio.Event()
+
+    async def garble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        answered.set()
+
+    server = await asyncio.start_server(garble, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    receiver = Receiver(f"http://127.0.0.1:{port}/hook")
+    gateway_server, session = await start_gateway(_hooked(settings, receiver))
+    gateway = Gateway(gateway_server, session)
+    try:
+        with caplog.at_level(logging.WARNING, logger="corefleet.webhooks"):
+            await gateway.submit("io.echo", 1, webhook=receiver.url + "?token=its-secret")
+            await asyncio.wait_for(answered.wait(), 30)
+            async with asyncio.timeout(30):
+                while "failed" not in caplog.text:  # noqa: ASYNC110  # the sender's log line
+                    await asyncio.sleep(0.05)  # sleep-ok: the try's end has no event
+        assert f"127.0.0.1:{port}/..." in caplog.text
+        assert "its-secret" not in caplog.text and "/hook" not in caplog.text, caplog.text
+    finally:
+        await session.close()
+        await gateway_server.close()
+        server.close()

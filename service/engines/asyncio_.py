@@ -69,10 +69,13 @@ class AsyncioEngine:
         """This gateway's io queues, and every queue a live io worker consumes (an io-worker
         started with other ``COREFLEET_IO_QUEUES``)."""
         queues: dict[str, Any] = {}
-        for queue in sorted(set(self.queues) | await presence.consumed_queues(self.redis, "io")):
+        for queue in sorted(set(self.queues) | await presence.known_queues(self.redis, "io")):
             status = await stream_status(self.redis, queue)
-            if queue not in self.queues and not status["workers"] and not status["waiting"]:
-                continue  # the info of a worker that is gone
+            if queue not in self.queues and not any(
+                status[what] for what in ("workers", "waiting", "running")
+            ):
+                await presence.forget_queue(self.redis, "io", queue)  # empty, and nobody reads it
+                continue
             queues[queue] = status
         return {"engine": self.name, "state": "local", "queues": queues}
 
@@ -107,12 +110,15 @@ async def stream_status(redis: aioredis.Redis, queue: str) -> dict[str, Any]:
     by_priority: dict[str, int] = {}
     running = 0
     for priority in PRIORITIES:
+        stream = keys.stream(queue, priority)
         by_priority[priority] = 0
         with contextlib.suppress(ResponseError):  # a stream not made yet: none
-            for group in await redis.xinfo_groups(keys.stream(queue, priority)):
-                if group["name"] == keys.IO_GROUP:
-                    running += int(group["pending"])
-                    by_priority[priority] = int(group.get("lag") or 0)
+            groups = [g for g in await redis.xinfo_groups(stream) if g["name"] == keys.IO_GROUP]
+            if groups:
+                running += int(groups[0]["pending"])
+                by_priority[priority] = int(groups[0].get("lag") or 0)
+            else:  # no worker ever read it (a queue named at submit only): all of it waits
+                by_priority[priority] = int(await redis.xlen(stream))
     workers = await presence.live(redis, queue)
     return {
         "waiting": sum(by_priority.values()),

@@ -215,7 +215,7 @@ class CeleryEngine:
         """cpu and gpu, and every queue a live worker consumes (``--queues``): the waiting
         jobs of each by priority, and its workers."""
         queues: dict[str, Any] = {}
-        for queue in sorted(DEFAULT_QUEUES | await presence.consumed_queues(self.redis, "celery")):
+        for queue in sorted(DEFAULT_QUEUES | await presence.known_queues(self.redis, "celery")):
             pipe = self.redis.pipeline(transaction=False)
             for key in celery_lists(queue):
                 pipe.llen(key)
@@ -225,7 +225,8 @@ class CeleryEngine:
             by_priority["low"] += lengths[PRIORITY_STEPS[-1]]
             workers = await self.workers(queue)
             if queue not in DEFAULT_QUEUES and not workers and not any(lengths.values()):
-                continue  # the info of a worker that is gone
+                await presence.forget_queue(self.redis, "celery", queue)  # empty, unconsumed
+                continue
             queues[queue] = {
                 "waiting": sum(lengths.values()),
                 "waiting_by_priority": by_priority,

@@ -355,7 +355,10 @@ function start() {
   reloadTasks().catch((error) => error instanceof Unauthorized || console.warn("reading the tasks failed", error));
   follow();
   if (queuesEvery === null) {
-    queuesEvery = setInterval(() => document.hidden || scheduleQueues(), QUEUES_EVERY_MS);
+    // Not while the page is hidden, nor while it asks for a token (each 401 would ask again).
+    queuesEvery = setInterval(
+      () => document.hidden || !$("login").hidden || scheduleQueues(), QUEUES_EVERY_MS,
+    );
   }
 }
 
