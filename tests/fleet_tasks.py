@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -352,6 +353,22 @@ async def progress_from_a_thread(ctx: TaskContext) -> list[Any]:
 @task("test.odd_defaults", kind="io")
 async def odd_defaults(every: float = float("inf"), when: object = timedelta(seconds=5)) -> None:
     """Defaults that JSON has no form for."""
+
+
+@task("test.cpu_native_loop", kind="cpu")
+def cpu_native_loop(ctx: TaskContext) -> int:
+    """Record this attempt, then run minutes in C (sum over an iterator never returns to
+    the bytecode loop, where Python-level signal handlers run)."""
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    return sum(itertools.repeat(1, 10**12))
+
+
+@task("test.cpu_retry_then_hold", kind="cpu", max_retries=2)
+def cpu_retry_then_hold(ctx: TaskContext) -> int:
+    """Ask for a retry at once on the first attempt; then ``_gate``."""
+    if ctx.attempt == 1:
+        raise Retry("once more", delay_s=0)
+    return _gate(ctx)
 
 
 @task("test.cpu_held_until_released", kind="cpu")

@@ -161,6 +161,18 @@ async def test_cancel_of_a_running_cpu_job_terminates_it(
     assert (await gateway.wait(job["id"]))["state"] == "cancelled"
 
 
+async def test_cancel_of_a_cpu_job_in_native_code_kills_its_child(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A child in native code (a Numba loop, a long NumPy call) never returns to Python's
+    signal handlers: the cancel kills it (SIGKILL) rather than ask it to exit."""
+    job = await gateway.submit("test.cpu_native_loop")
+    _attempt, pid = await _started(redis, job["id"])
+    status, body = await gateway.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and body["state"] == "cancelled"
+    await wait_gone(pid)
+
+
 async def test_producer_enqueues_exactly_like_the_gateway(
     gateway: Gateway, settings: Settings, redis: aioredis.Redis
 ) -> None:
@@ -235,3 +247,27 @@ async def test_a_stopped_worker_puts_its_running_job_back_at_once(
         assert (done["state"], done["result"], done["attempts"]) == ("succeeded", 2, 2), done
     finally:
         second.stop()
+
+
+async def test_a_stopped_worker_puts_back_a_later_attempt_too(
+    gateway: Gateway, redis: aioredis.Redis, celery_worker: CeleryWorker
+) -> None:
+    """Every message of a job carries the job's id as its Celery task id, and an attempt
+    that asked for a retry ended as a Celery success: its id must not make a stopping
+    worker leave the next attempt, run by the same worker, to run on (for its whole time
+    limit, or until a SIGKILL; its message came back only after the visibility timeout)."""
+    env = dict(
+        celery_worker.env,
+        COREFLEET_WORKER_QUEUES="stopping-later",
+        COREFLEET_WORKER_SHUTDOWN_GRACE_S="0.5",
+    )
+    worker = Proc(["worker", "--concurrency", "1"], env)
+    try:
+        job = await gateway.submit("test.cpu_retry_then_hold", queue="stopping-later")
+        attempt, _pid = await _started(redis, job["id"])
+        assert attempt == 2  # the first asked for a retry; this worker took the retry
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.proc.wait, 30) is not None
+        assert await celery_waiting(redis, "stopping-later") == 1  # back on its queue
+    finally:
+        worker.stop()

@@ -201,11 +201,12 @@ class CeleryEngine:
         return Dispatch("lpush", key, task_message(job, limit), celery_lists(job.queue))
 
     async def cancel(self, job: Job) -> None:
-        # Terminate the child running it; should the message come back, the runner sees
-        # the job is cancelled and skips it.
-        # SIGQUIT: a worker's children ignore SIGTERM (it is the worker's own stop; see
-        # _stop_by_putting_back in celery_worker.py) and end on SIGQUIT, remapped or not.
-        await asyncio.to_thread(self.app.control.revoke, job.id, terminate=True, signal="SIGQUIT")
+        # Kill the child running it; should the message come back, the runner sees the job
+        # is cancelled and skips it. SIGKILL: a worker's children ignore SIGTERM (it is the
+        # worker's own stop; see _stop_by_putting_back in celery_worker.py), and SIGQUIT
+        # reaches Python only between bytecodes, so native code (a Numba loop, a long NumPy
+        # or CuPy call) ran on to its end. The worker replaces the child.
+        await asyncio.to_thread(self.app.control.revoke, job.id, terminate=True, signal="SIGKILL")
 
     async def workers(self, queue: str) -> list[dict[str, Any]]:
         """The live workers of ``queue``, with their devices."""

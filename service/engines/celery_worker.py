@@ -40,7 +40,8 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     from billiard.process import current_process
     from celery import Task
     from celery.exceptions import Reject, TimeLimitExceeded
-    from celery.signals import worker_process_init
+    from celery.signals import task_received, worker_process_init
+    from celery.worker.state import successful_requests
 
     app = make_celery_app(settings)
     config = WorkerConfig.of(settings)
@@ -53,6 +54,14 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
             # unless told, so on a host of mixed cards it would pick another card.
             os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus[current_process().index % len(gpus)].id
+
+    @task_received.connect(weak=False)  # type: ignore[untyped-decorator]  # celery
+    def _a_new_attempt(request: Any, **_: Any) -> None:
+        # Every message of a job has the job's id as its Celery task id, and every attempt
+        # ends as a Celery success (the runner records failures and retries itself). An
+        # earlier attempt's id in Celery's set of successful requests would make a stopping
+        # worker leave this one running rather than put it back on its queue.
+        successful_requests.discard(request.id)
 
     class JobTask(Task):  # type: ignore[misc]  # celery ships no type information
         """Records what kills a job from outside the runner (the hard time limit)."""
