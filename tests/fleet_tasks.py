@@ -371,6 +371,16 @@ def cpu_retry_then_hold(ctx: TaskContext) -> int:
     return _gate(ctx)
 
 
+@task("test.cpu_slow_first", kind="cpu")
+def cpu_slow_first(ctx: TaskContext) -> int:
+    """Record this attempt; the first then blocks for a minute (past any short time limit),
+    later ones return the attempt at once."""
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    if ctx.attempt == 1:
+        time.sleep(60)  # sleep-ok: the point of the task: a first attempt past its limit
+    return ctx.attempt
+
+
 @task("test.cpu_held_until_released", kind="cpu")
 def cpu_held_until_released(ctx: TaskContext) -> int:
     """``_gate`` in a Celery child."""

@@ -105,6 +105,32 @@ async def test_time_limit_fails_the_job_and_the_worker_carries_on(
     assert after["result"] == 25
 
 
+async def test_a_time_limit_redis_refused_to_record_puts_the_job_back(
+    gateway: Gateway, redis: aioredis.Redis, celery_worker: CeleryWorker
+) -> None:
+    """The hard time limit's failure is stored before Celery acknowledges the message; where
+    Redis refuses it (here the record is, for a moment, a key of another type), the
+    message goes back on its queue and the job runs again once Redis takes writes. Celery
+    acknowledged first: the job stayed ``running`` with nothing to run it."""
+    env = dict(celery_worker.env, COREFLEET_WORKER_QUEUES="limits")
+    worker = Proc(["worker", "--concurrency", "1"], env)
+    try:
+        job = await gateway.submit("test.cpu_slow_first", timeout_s=1, queue="limits")
+        attempt, pid = await _started(redis, job["id"])
+        assert attempt == 1
+        key = f"cf:job:{job['id']}"
+        record = await redis.hgetall(key)
+        await redis.delete(key)
+        await redis.rpush(key, "not a record")  # writes to it fail with WRONGTYPE
+        await wait_gone(pid)  # the limit's handling (store, then ack or requeue) came first
+        await redis.delete(key)
+        await redis.hset(key, mapping=record)
+        done = await gateway.wait(job["id"], 60)
+        assert (done["state"], done["result"], done["attempts"]) == ("succeeded", 2, 2), done
+    finally:
+        worker.stop()
+
+
 async def test_a_killed_child_means_the_job_runs_again(
     gateway: Gateway, redis: aioredis.Redis
 ) -> None:

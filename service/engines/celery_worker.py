@@ -41,7 +41,8 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
     from celery import Task
     from celery.exceptions import Reject, TimeLimitExceeded
     from celery.signals import task_received, worker_process_init
-    from celery.worker.state import successful_requests
+    from celery.worker.request import Request
+    from celery.worker.state import successful_requests, task_ready
 
     app = make_celery_app(settings)
     config = WorkerConfig.of(settings)
@@ -63,20 +64,41 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
         # worker leave this one running rather than put it back on its queue.
         successful_requests.discard(request.id)
 
-    class JobTask(Task):  # type: ignore[misc]  # celery ships no type information
-        """Records what kills a job from outside the runner (the hard time limit)."""
+    class JobRequest(Request):  # type: ignore[misc]  # celery ships no type information
+        """Records a hard time limit before the message is acknowledged.
+
+        Celery acknowledges a job past its hard limit first and calls the task's failure
+        hooks after: a record Redis refused then (out of memory, a read-only replica), or
+        a worker stopped in between, left the job ``running`` with nothing to run it. Here
+        the failure is stored first (in the worker's main process, after the child was
+        replaced); if Redis refuses it, the message goes back on its queue instead, and
+        the job runs again.
+        """
 
         def on_failure(
-            self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+            self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
         ) -> None:
-            # Runs in the worker's main process after it replaced the child; a lost child
-            # (WorkerLostError) is not recorded: the message is requeued and runs again.
-            job_id = args[0] if args else (kwargs or {}).get("job_id")
+            exc = getattr(exc_info.exception, "exc", exc_info.exception)  # unwrapped
+            job_id = self.args[0] if self.args else (self.kwargs or {}).get("job_id")
             if isinstance(exc, TimeLimitExceeded) and isinstance(job_id, str):
                 error = JobError(
                     "TimeLimitExceeded", f"the job ran past its {exc.args[0]} s time limit"
                 )
-                asyncio.run(_record_failure(settings, job_id, error))
+                try:
+                    asyncio.run(_record_failure(settings, job_id, error))
+                except RedisError as refused:
+                    log.warning(
+                        "job %s: Redis refused its time limit (%s); requeued", job_id, refused
+                    )
+                    task_ready(self)
+                    self.reject(requeue=True)
+                    return
+            super().on_failure(exc_info, send_failed_event, return_ok)
+
+    class JobTask(Task):  # type: ignore[misc]  # celery ships no type information
+        """The task every job travels as; its requests record hard time limits."""
+
+        Request = JobRequest
 
     @app.task(name=CELERY_TASK, base=JobTask, ignore_result=True)  # type: ignore[untyped-decorator]
     def run_job(job_id: str) -> None:
@@ -95,7 +117,7 @@ def build_worker_app(settings: Settings, gpus: list[Gpu] | None = None) -> Any:
 
 
 async def _record_failure(settings: Settings, job_id: str, error: JobError) -> None:
-    redis = connect(settings.redis, until_answered=True)  # Celery acknowledged the job
+    redis = connect(settings.redis, until_answered=True)  # the message waits on it
     try:
         await JobStore(redis, settings.job_ttl_s).fail(job_id, error)
     finally:
