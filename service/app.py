@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from service import ids, middleware
+from service import ids, middleware, presence
 from service.auth import token_auth
 from service.dashboard import Dashboard
 from service.engines import build_engines
@@ -596,6 +596,8 @@ async def list_queues(request: web.Request) -> web.Response:
 async def _queues(app: web.Application) -> dict[str, Any]:
     """Each engine's state and queues, and the delayed jobs: what /v1/queues shows and
     /metrics turns into gauges."""
+    # Once per look, not per engine: what workers killed outright said goes first.
+    await presence.forget_the_silent(app[REDIS])
     engines = {name: await engine.status() for name, engine in app[ENGINES].items()}
     return {"engines": engines, "delayed": await app[STORE].delayed()}
 

@@ -84,8 +84,7 @@ async def live(client: aioredis.Redis, queue: str) -> list[dict[str, Any]]:
 async def known_queues(client: aioredis.Redis, kind: str) -> set[str]:
     """The queues workers of ``kind`` (``io``, ``celery``) said they consume, live or not:
     a queue whose workers all crashed keeps its backlog in view (``forget_queue`` once
-    it is empty and unconsumed). Also forgets what workers killed outright said."""
-    await _forget_the_silent(client)
+    it is empty and unconsumed)."""
     return set(await client.smembers(keys.known_queues(kind)))  # type: ignore[misc]  # sync/async union
 
 
@@ -94,7 +93,7 @@ async def forget_queue(client: aioredis.Redis, kind: str, queue: str) -> None:
     await client.srem(keys.known_queues(kind), queue)  # type: ignore[misc]  # sync/async union
 
 
-async def _forget_the_silent(client: aioredis.Redis) -> None:
+async def forget_the_silent(client: aioredis.Redis) -> None:
     """Remove what workers silent for ``FORGET_S`` said (one that stopped cleanly removed
     it itself; one killed outright never does). An entry without its check-in time (an
     older corefleet's) goes only once its worker is live on none of its queues."""
