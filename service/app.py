@@ -77,8 +77,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
         # Measured outermost, so that error answers count with the status they went out with.
         middlewares=[
             http_metrics.middleware(),
-            json_errors(settings.gateway.max_body_bytes, deadlines),
+            json_errors(settings.gateway.max_body_bytes),
             *_auth(settings),
+            deadlines.middleware(),
         ],
         client_max_size=settings.gateway.max_body_bytes,
     )
@@ -258,11 +259,28 @@ async def _json_body(request: web.Request) -> Any:
     no client could read back in a record."""
     raw = await request.read()  # aiohttp enforces client_max_size here (413)
     try:
-        return json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise InvalidJSON("the body is not valid JSON: it nests too deep") from None
     except ValueError as exc:  # a syntax error, bad UTF-8, a number past Python's limits
         raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(value):
+        # JSON lets "\ud800" through, but it is no Unicode character: Redis could not be
+        # sent it (UTF-8 has no encoding for it), nor could a client read it back.
+        raise InvalidJSON("the body is not valid JSON: a \\u escape is a lone surrogate")
+    return value
+
+
+#: A JSON escape of a UTF-16 surrogate; a body without one cannot hold a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _job_id(request: web.Request) -> str:
@@ -284,12 +302,12 @@ def _job_json(job: Job, status: int = 200) -> web.Response:
 #: a submit sent again.
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def _idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not _IDEMPOTENCY_KEY_RE.match(key):
+    if key is not None and not _IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise InvalidParameter(
             f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters",
             {"header": IDEMPOTENCY_HEADER},
@@ -399,6 +417,9 @@ async def submit_batch(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("jobs"), list):
         raise InvalidBody('the body must be {"jobs": [job, ...]}')
+    if set(body) != {"jobs"}:  # options for the whole batch, say: refused, not dropped
+        unknown = sorted(set(body) - {"jobs"})
+        raise InvalidBody(f"unknown field(s): {', '.join(unknown)}", {"allowed": ["jobs"]})
     jobs = body["jobs"]
     if not 1 <= len(jobs) <= MAX_BATCH:
         raise InvalidBody(f"a batch holds 1 to {MAX_BATCH} jobs, not {len(jobs)}")

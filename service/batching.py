@@ -57,10 +57,17 @@ class Batcher:
     async def _send(self, batch: list[_Call]) -> None:
         try:
             results = await self._execute_loading([command for command, _ in batch])
+        except (TypeError, ValueError) as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            # One call's arguments could not be packed (nothing was sent): it alone fails,
+            # not every call that happened to share its turn.
+            for call in batch:
+                await self._send([call])
+            return
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
@@ -69,6 +76,12 @@ class Batcher:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list[_Call], exc: Exception) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     async def _execute_loading(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         results = await self._execute(commands)

@@ -39,6 +39,25 @@ class JobState(str, Enum):
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.DEAD})
 
+#: How deep a job's args, kwargs or result may nest (arrays and objects). Far below
+#: Python's recursion limit, which JSON encoding is bound by: a value accepted at one depth
+#: must still encode inside a listing, which wraps each record in three more levels.
+MAX_NESTING = 100
+
+
+def nests_too_deep(value: Any) -> bool:
+    """Whether ``value`` holds arrays and objects more than ``MAX_NESTING`` deep (counted
+    without recursion, so that any depth can be measured)."""
+    stack = [(value, 1)] if isinstance(value, dict | list | tuple) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > MAX_NESTING:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list | tuple))
+    return False
+
+
 #: For each target state, the states a job may move to it from. Everything else is refused
 #: (atomically, in Redis): a terminal job never changes again, a cancelled job never starts.
 #: ``running -> running`` is a redelivery after the worker holding the job was lost.

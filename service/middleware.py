@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import (
     CorefleetError,
+    InvalidParameter,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -41,10 +42,18 @@ BODY_READ_S = 60.0
 OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)
 
 
+#: The routes that take ``?wait=``; on any other, a ``wait`` does not stretch the deadline.
+WAIT_ROUTES = frozenset({("POST", "/v1/jobs"), ("GET", "/v1/jobs/{id}")})
+
+
 def _deadline_s(request: web.Request) -> float | None:
     """How long ``request`` may take: None for event streams, which stay open by design."""
     if request.path.endswith("/events"):
         return None
+    resource = request.match_info.route.resource
+    route = (request.method, resource.canonical if resource is not None else "")
+    if route not in WAIT_ROUTES:
+        return STORE_DEADLINE_S
     try:
         wait = float(request.query.get("wait", "0"))
     except ValueError:
@@ -67,6 +76,8 @@ def error_response(error: CorefleetError) -> web.Response:
 
 class Deadlines:
     """Ends each request that runs past its deadline (``_deadline_s``) with a 503.
+
+    Its middleware goes inside the token check: a body is read only for a client let in.
 
     One ticker checks every request in flight each ``TICK_S``, rather than a timer per
     request (``asyncio.timeout``), whose arming and cancelling cost about 3% of a busy
@@ -124,6 +135,13 @@ class Deadlines:
         self._expired.discard(task)
         return task.uncancel() <= cancelling
 
+    def middleware(self) -> Any:
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            return await self.run(request, handler)
+
+        return middleware
+
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
@@ -141,21 +159,22 @@ class Deadlines:
                     task.cancel()
 
 
-def json_errors(max_body_bytes: int, deadlines: Deadlines) -> Any:
+def json_errors(max_body_bytes: int) -> Any:
     """The middleware; ``max_body_bytes`` is quoted in 413 answers."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await _guarded(request, handler, max_body_bytes, deadlines)
+        return await _guarded(request, handler, max_body_bytes)
 
     return middleware
 
 
 async def _guarded(
-    request: web.Request, handler: Handler, max_body_bytes: int, deadlines: Deadlines
+    request: web.Request, handler: Handler, max_body_bytes: int
 ) -> web.StreamResponse:
     try:
-        return await deadlines.run(request, handler)
+        _refuse_repeated_parameters(request)
+        return await handler(request)
     except Exception as exc:
         stream: web.StreamResponse | None = request.get(OPEN_STREAM)
         if stream is None or not stream.prepared:
@@ -167,6 +186,17 @@ async def _guarded(
         else:
             log.exception("unhandled error on %s; stream ended", request.path)
         return stream
+
+
+def _refuse_repeated_parameters(request: web.Request) -> None:
+    """A query parameter given twice is a 400: which of its values counts would be a guess."""
+    query = request.query
+    if len(query) != len(set(query)):
+        repeated = sorted({name for name in query if len(query.getall(name)) > 1})
+        raise InvalidParameter(
+            f"query parameter(s) given more than once: {', '.join(repeated)}",
+            {"parameters": repeated},
+        )
 
 
 def _error_answer(request: web.Request, exc: Exception, max_body_bytes: int) -> web.Response:

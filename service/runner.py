@@ -17,7 +17,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from service.jobs import Job, JobError, JobState
+from service.jobs import MAX_NESTING, Job, JobError, JobState, nests_too_deep
 from service.store import JobStore
 from tasks import Registry, Retry, TaskContext, TaskSpec
 from tasks.context import Reported
@@ -72,6 +72,12 @@ class JobRunner:
             return await self._failed(job, JobError("TimeLimitExceeded", str(exc)))
         except Exception as exc:
             return await self._failed(job, error_of(exc), retry_delay(spec, job, exc), exc)
+        if nests_too_deep(value):
+            error = JobError(
+                "TypeError",
+                f"the result is not JSON a record can hold: it nests over {MAX_NESTING} deep",
+            )
+            return await self._failed(job, error)
         try:
             # NaN and infinity are not JSON: no client could read such a result back.
             result_json = json.dumps(value, allow_nan=False)

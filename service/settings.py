@@ -81,13 +81,13 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 #: The shortest API token accepted: shorter ones are guessable.
 MIN_TOKEN_CHARS = 16
 #: What a bearer token is made of (RFC 6750): what every client can send in a header.
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+_TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]+")
 
 
 def _tokens(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     tokens = _list(env, name)
     for token in tokens:
-        if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.match(token):
+        if len(token) < MIN_TOKEN_CHARS or not _TOKEN_RE.fullmatch(token):
             raise SettingsError(
                 f"each token in {name} must be at least {MIN_TOKEN_CHARS} characters of "
                 "A-Z a-z 0-9 . _ ~ + / = -"

@@ -23,7 +23,7 @@ from service.errors import (
     InvalidBody,
     UnknownTask,
 )
-from service.jobs import Job, iso
+from service.jobs import MAX_NESTING, Job, iso, nests_too_deep
 from service.store import JobStore, Once
 from service.webhooks import check_webhook
 from tasks import (
@@ -73,7 +73,7 @@ def _check_options(options: dict[str, Any], webhook_hosts: tuple[str, ...]) -> d
     ):
         raise InvalidBody("options.max_attempts must be a whole number from 1 to 100")
     queue = options.get("queue")
-    if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.match(queue)):
+    if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue)):
         raise InvalidBody("options.queue must be 1 to 64 letters, digits or _.:-")
     if queue is not None and queue.startswith(keys.PREFIX):
         # A Celery queue is a Redis list of that very name: it must not be one of ours.
@@ -138,6 +138,11 @@ class Submitter:
         spec = self.registry.get(name)
         if spec is None:
             raise UnknownTask(f"no task is named {name!r}", {"task": name})
+        if nests_too_deep(args) or nests_too_deep(kwargs):
+            raise InvalidArguments(
+                f"{name}: args and kwargs may nest arrays and objects {MAX_NESTING} deep at most",
+                {"task": name, "max_nesting": MAX_NESTING},
+            )
         if "ctx" in kwargs and spec.takes_ctx:
             raise InvalidArguments(f"{name}: 'ctx' is supplied by corefleet, not the caller")
         problem = bind_arguments(spec, args, kwargs)

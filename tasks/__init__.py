@@ -58,7 +58,7 @@ DEFAULT_PRIORITY = "normal"
 MAX_RETRIES = 99
 
 #: What a queue may be named: its Redis keys add ``#`` and a priority to the name.
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 _MARK = "__corefleet_task__"
 
@@ -199,7 +199,7 @@ def task(
         raise ValueError(
             f"retry_backoff_s must be from 0 to retry_backoff_max_s, at most {MAX_DELAY_S}"
         )
-    if queue is not None and not QUEUE_NAME.match(queue):
+    if queue is not None and not QUEUE_NAME.fullmatch(queue):
         raise ValueError(f"queue must be 1 to 64 letters, digits or _.:-, not {queue!r}")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {priority!r}")
@@ -398,12 +398,22 @@ def _matches(value: Any, hint: Any) -> bool | None:
         return False  # JSON true is not a number
     if not isinstance(value, _SIMPLE[base]):
         return False
+    if base is float and isinstance(value, int) and not _fits_float(value):
+        return False  # 400 digits are a JSON number, but no float holds them
     # list[X] and dict[str, X]: each item (value) fits X too. JSON keys are strings.
     item_hint = _item_hint(origin, typing.get_args(hint))
     if item_hint is not None:
         container: Any = value  # a list or dict, as just checked
         items: Iterable[Any] = container.values() if base is dict else container
         return not any(_matches(item, item_hint) is False for item in items)
+    return True
+
+
+def _fits_float(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return False
     return True
 
 

@@ -51,6 +51,15 @@ async def unserialisable() -> object:
     return {1, 2, 3}
 
 
+@task("test.too_deep", kind="io")
+async def too_deep() -> list[Any]:
+    """Return lists in lists, deeper than a listing of records could encode."""
+    value: list[Any] = []
+    for _ in range(990):
+        value = [value]
+    return value
+
+
 @task("test.not_a_number", kind="io")
 async def not_a_number() -> float:
     """Return what Python's json writes as NaN, which is not JSON."""

@@ -89,10 +89,11 @@ async def test_a_per_job_timeout_overrides_the_task(gateway: Gateway) -> None:
     await gateway.call("DELETE", f"/v1/jobs/{pi['id']}")
 
 
-@pytest.mark.parametrize("task", ["test.unserialisable", "test.not_a_number"])
+@pytest.mark.parametrize("task", ["test.unserialisable", "test.not_a_number", "test.too_deep"])
 async def test_an_unserialisable_result_fails_clearly(gateway: Gateway, task: str) -> None:
-    """A result JSON cannot carry (a set; NaN) fails the job instead of storing something
-    else: a stored NaN would make every page of jobs holding it unreadable."""
+    """A result JSON cannot carry (a set; NaN; lists nested past what a listing can encode)
+    fails the job instead of storing something else: a stored NaN would make every page of
+    jobs holding it unreadable."""
     done = await gateway.wait((await gateway.submit(task))["id"])
     assert done["state"] == "failed" and "JSON" in done["error"]["message"]
     assert "result" not in done or done["result"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -48,6 +49,15 @@ async def test_without_a_valid_token_the_api_answers_401_and_stores_nothing(
         status, error = await guarded.call("GET", path)
         assert status == 401 and error["error"]["code"] == "unauthorized", path
     assert await redis.zcard("cf:jobs") == 0
+
+
+async def test_a_body_is_not_read_before_the_token_is_checked(guarded: Gateway) -> None:
+    """A client without a token gets its 401 without making the gateway hold its body
+    (an oversized one is a 401 too, not a 413 that only a token holder should learn of)."""
+    big = b'{"task": "io.echo", "args": ["' + b"x" * 2 * 1024 * 1024 + b'"]}'
+    async with guarded.session.post(f"{guarded.url}/v1/jobs", data=io.BytesIO(big)) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
 
 
 async def test_an_api_token_may_do_everything(guarded: Gateway) -> None:

@@ -164,6 +164,34 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "invalid_json",
     ),
     ("nested too deep", {"data": b"[" * 100_000 + b"]" * 100_000}, 400, "invalid_json"),
+    # Past the nesting a record may have: one deep enough to parse, but past Python's
+    # recursion limit once a listing wraps it in three more levels, made every page of
+    # jobs holding it a 500.
+    (
+        "args nested deeper than a record may be",
+        {"data": b'{"task": "io.echo", "args": [' + b"[" * 150 + b"]" * 150 + b"]}"},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        "lone surrogate",
+        {"data": b'{"task": "io.echo", "args": ["\\ud800"]}'},
+        400,
+        "invalid_json",
+    ),
+    (
+        "int too large for float",
+        {"json": {"task": "io.sleep", "args": [10**400]}},
+        400,
+        "invalid_arguments",
+    ),
+    (
+        # A regular expression's $ matches before a final newline.
+        "queue with a trailing newline",
+        {"json": {"task": "io.echo", "args": [1], "options": {"queue": "io\n"}}},
+        400,
+        "invalid_body",
+    ),
     (
         "bad queue",
         {"json": {"task": "io.sleep", "args": [1], "options": {"queue": "a b"}}},
@@ -282,6 +310,18 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
     assert await _keys(redis) == before
 
 
+async def test_a_batch_with_fields_beside_its_jobs_is_refused(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Options for a whole batch are not a thing: refused, not silently dropped."""
+    before = await _keys(redis)
+    body = {"jobs": [{"task": "io.echo", "args": [1]}], "options": {"priority": 9}}
+    status, reply = await gateway.call("POST", "/v1/jobs/batch", json=body)
+    assert status == 400 and reply["error"]["code"] == "invalid_body", reply
+    assert "options" in reply["error"]["message"]
+    assert await _keys(redis) == before
+
+
 @pytest.mark.parametrize(
     ("path", "status", "code"),
     [
@@ -295,6 +335,9 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
         ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=%EF%BC%95", 400, "invalid_parameter"),
         ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=%201", 400, "invalid_parameter"),
         ("/v1/nothing", 404, "not_found"),
+        # Which of the two would count is a guess: refused, whichever comes first.
+        ("/v1/jobs?limit=5&limit=abc", 400, "invalid_parameter"),
+        ("/v1/jobs?state=queued&state=bogus", 400, "invalid_parameter"),
     ],
 )
 async def test_bad_reads_get_json_errors(

@@ -12,11 +12,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service import app as gateway_app
 from service import middleware
+from service.batching import Batcher
+from service.settings import Settings
 from tests.conftest import Gateway
 
 
@@ -90,7 +92,8 @@ async def test_an_error_once_a_stream_is_open_ends_it_cleanly(error: Exception) 
         await response.write(b"event: state\ndata: {}\n\n")
         raise error
 
-    app = web.Application(middlewares=[middleware.json_errors(1024, middleware.Deadlines())])
+    deadlines = middleware.Deadlines()
+    app = web.Application(middlewares=[middleware.json_errors(1024), deadlines.middleware()])
     app.router.add_get("/v1/jobs/{id}/events", handler)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -103,3 +106,34 @@ async def test_an_error_once_a_stream_is_open_ends_it_cleanly(error: Exception) 
             assert await resp.read() == b"event: state\ndata: {}\n\n"
     finally:
         await server.close()
+
+
+async def test_only_routes_that_take_wait_stretch_their_deadline() -> None:
+    """``?wait=`` holds a GET of a job and a submit; on any other route it is ignored, and
+    must not keep a request from its 503 for an hour while Redis does not answer."""
+    app = gateway_app.create_app(Settings.from_env({}))
+    cases = [
+        ("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=30", 30 + middleware.STORE_DEADLINE_S),
+        ("POST", "/v1/jobs?wait=30", 30 + middleware.STORE_DEADLINE_S),
+        ("DELETE", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV?wait=3600", middleware.STORE_DEADLINE_S),
+        ("POST", "/v1/jobs/batch?wait=3600", middleware.STORE_DEADLINE_S),
+        ("GET", "/v1/queues?wait=3600", middleware.STORE_DEADLINE_S),
+    ]
+    for method, path, deadline in cases:
+        request = make_mocked_request(method, path, app=app)
+        request._match_info = await app.router.resolve(request)
+        assert middleware._deadline_s(request) == deadline, (method, path)
+
+
+async def test_a_call_that_cannot_be_packed_fails_alone(redis: aioredis.Redis) -> None:
+    """Calls made in one turn go as one pipeline; one whose arguments cannot be sent
+    (a string UTF-8 cannot encode) fails its own caller, not the others in its turn."""
+    batcher = Batcher(redis, {})
+    good, bad = await asyncio.gather(
+        batcher.command("SET", "test:packed", "yes"),
+        batcher.command("SET", "test:unpacked", "\ud800"),
+        return_exceptions=True,
+    )
+    assert good is True and isinstance(bad, UnicodeEncodeError)
+    assert await redis.get("test:packed") == "yes"
+    assert await redis.exists("test:unpacked") == 0

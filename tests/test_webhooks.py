@@ -232,6 +232,18 @@ async def test_a_webhook_to_a_host_not_allowed_is_refused(
     assert await redis.zcard("cf:jobs") == 0
 
 
+async def test_a_webhook_url_holding_a_lone_surrogate_is_refused(
+    hooked: Gateway, redis: aioredis.Redis, receiver: Receiver
+) -> None:
+    """JSON can carry "\\ud800", which is no Unicode character: stored as it came, the URL
+    could not be sent to Redis, and the pipeline it shared failed every caller in it."""
+    body = {"task": "io.echo", "args": [1], "options": {"webhook": receiver.url + "/\ud800"}}
+    status, reply = await hooked.call("POST", "/v1/jobs", json=body)
+    assert status == 400 and reply["error"]["code"] == "invalid_json", reply
+    assert "surrogate" in reply["error"]["message"]
+    assert await redis.zcard("cf:jobs") == 0
+
+
 async def test_webhooks_are_off_unless_hosts_are_allowed(
     gateway: Gateway, redis: aioredis.Redis, receiver: Receiver
 ) -> None:
