@@ -129,3 +129,36 @@ async def test_jobs_held_by_a_lost_scheduler_run_again_when_it_is_back(
     finally:
         await session.close()
         await server.close()
+
+
+async def test_jobs_running_when_the_cluster_is_restarted_run_again(
+    settings: Settings, redis: aioredis.Redis, remote_dask: RemoteDask
+) -> None:
+    """Another user of the scheduler restarts the cluster (``Client.restart``): every
+    client's futures are cancelled, but not for anything the job did. The job is delivered
+    again, not failed."""
+    from distributed import Client
+
+    engines = replace(settings.engines, dask_address=remote_dask.address)
+    server, session = await start_gateway(
+        replace(settings, engines=engines, io=replace(settings.io, lease_s=1.0))
+    )
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        body = {"task": "test.dask_gate", "options": {"max_attempts": 3}}
+        async with session.post(url + "/v1/jobs", json=body) as resp:
+            job_id = (await resp.json())["id"]
+        first = await redis.blpop([f"test:started:{job_id}"], timeout=60)
+        assert first is not None and first[1].startswith("1:")
+        async with Client(remote_dask.address, asynchronous=True) as other:  # type: ignore[no-untyped-call]
+            await other.restart()
+        again = await redis.blpop([f"test:started:{job_id}"], timeout=90)
+        assert again is not None and again[1].startswith("2:"), again
+        await redis.rpush(f"test:release:{job_id}", "go", "go")
+        assert await wait_state(redis, job_id, "succeeded", "failed", "dead") == "succeeded"
+        async with session.get(f"{url}/v1/jobs/{job_id}") as resp:
+            record = await resp.json()
+        assert (record["state"], record["attempts"]) == ("succeeded", 2)
+    finally:
+        await session.close()
+        await server.close()

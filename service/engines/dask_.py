@@ -33,13 +33,10 @@ from tasks import TaskSpec
 log = logging.getLogger("corefleet.dask")
 
 DASK_DASHBOARD = "127.0.0.1:8787"
-#: The reason a ``distributed.Client`` gives the futures it cancels when its connection to
-#: the scheduler drops.
-SCHEDULER_LOST = "scheduler-connection-lost"
 
 
 class SchedulerLost(Exception):
-    """The connection to the scheduler dropped under a job; it is delivered again."""
+    """The scheduler dropped a job's task, not the job itself; it is delivered again."""
 
 
 def run_in_dask(config: WorkerConfig, job_id: str, entry: str) -> str | None:
@@ -101,6 +98,11 @@ class DaskEngine(ClusterEngine):
     async def _launch(self, job: Job, spec: TaskSpec | None) -> Any:
         from distributed import fire_and_forget
 
+        if self._client.status == "connecting":
+            # Reconnecting to a scheduler that went away: a task sent now would wait in
+            # the client and be cancelled with it if the scheduler stays away. The job
+            # waits on its stream instead.
+            raise SchedulerLost("the client is reconnecting to Dask's scheduler")
         # Resources (num_cpus, ...) are Ray's: a Dask worker is one thread, one task.
         future = self._client.submit(
             run_in_dask,
@@ -144,11 +146,12 @@ class DaskEngine(ClusterEngine):
         except (KilledWorker, asyncio.CancelledError):
             raise  # a lost worker: delivered again; a cancel: the caller's business
         except FutureCancelledError as exc:
-            if exc.reason == SCHEDULER_LOST:
-                # The client cancels every future when its connection drops: the job is
-                # not the reason; it is delivered again once the scheduler is back.
-                raise SchedulerLost(f"the connection to Dask's scheduler dropped: {exc}") from exc
-            raise CouldNotRun(error_of(exc)) from exc
+            # Not this engine's cancel: for a job's cancel or time limit, nothing awaits the
+            # future any more. So the scheduler or the client dropped it: the connection
+            # was lost ("scheduler-connection-lost"), the client gave up reconnecting
+            # ("unknown"), someone restarted the cluster ("scheduler-restart"). None of it
+            # is the job's doing: it is delivered again.
+            raise SchedulerLost(f"Dask dropped the job's task: {exc}") from exc
         except Exception as exc:
             raise CouldNotRun(error_of(exc)) from exc
 
