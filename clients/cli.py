@@ -128,6 +128,9 @@ def _client_command(args: argparse.Namespace) -> int:
             positional = [_json_arg(a, f"argument {a!r}") for a in args.args]
             job = client.submit(args.task, *positional, kwargs=kwargs, options=options)
             if args.wait:
+                # Said first: a wait cut short (Ctrl-C, --timeout) leaves the job running,
+                # and its id is how to look at it or cancel it.
+                print(f"corefleet: submitted {job.id}; waiting", file=sys.stderr, flush=True)
                 job = client.wait(job.id, timeout_s=args.timeout)
         elif args.command == "get":
             job = client.get(args.id)
@@ -143,7 +146,13 @@ def _client_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "submit" and not any(item.startswith("--") for item in extra):
+        # A task's arguments after an option (`submit io.sleep --wait 30`): argparse takes
+        # positionals in one run, so those left over are the task's too, in their order.
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "worker" and args.gpu and (args.queues, args.concurrency) != (None, None):
         # Said, rather than overridden: a gpu worker has one child per GPU, on `gpu`.
         parser.error(

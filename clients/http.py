@@ -31,6 +31,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 _WAIT_STEP_S = 30.0
 # Between polls of a gateway that allows no waiting at all (COREFLEET_MAX_WAIT_S=0).
 _POLL_S = 0.5
+# How long past a wait's deadline its last long-poll may take to be answered.
+_ANSWER_GRACE_S = 2.0
 
 
 def _bearer(token: str | None) -> dict[str, str]:
@@ -117,6 +119,13 @@ class _Wait:
         # Rounded down: rounded up, a wait at the gateway's maximum would be over it.
         step = math.floor(step * 1000) / 1000
         return f"/v1/jobs/{urllib.parse.quote(self.job_id)}?wait={step:.3f}", step
+
+    def request_timeout_s(self, step: float, client_timeout_s: float) -> float:
+        """How long one long-poll of ``step`` may take: the step, and the client's timeout
+        for the answer, but not much past the wait's deadline (a gateway that does not
+        answer is a ``TransportError`` soon after ``timeout_s``, not a timeout later)."""
+        left = max(0.0, self.deadline - time.monotonic() - step)
+        return step + min(client_timeout_s, left + _ANSWER_GRACE_S)
 
     def shorten(self, refused: errors.InvalidParameter) -> None:
         """Ask for no more than the gateway's maximum from now on; re-raises ``refused``
@@ -209,7 +218,8 @@ class AsyncClient:
             ) as resp:
                 return _decode(resp.status, await resp.read())
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise errors.TransportError(f"{method} {path}: {exc or type(exc).__name__}") from exc
+            reason = str(exc) or type(exc).__name__  # aiohttp's timeout says nothing itself
+            raise errors.TransportError(f"{method} {path}: {reason}") from exc
 
     async def submit(
         self,
@@ -257,7 +267,8 @@ class AsyncClient:
         while True:
             path, step = waiting.next_request()
             try:
-                job = _job(await self._request("GET", path, timeout_s=step + self._timeout))
+                timeout_s = waiting.request_timeout_s(step, self._timeout)
+                job = _job(await self._request("GET", path, timeout_s=timeout_s))
             except errors.InvalidParameter as refused:
                 waiting.shorten(refused)
                 continue
@@ -273,10 +284,13 @@ class AsyncClient:
 
 
 class Client:
-    """The blocking twin of ``AsyncClient`` (standard library only, one kept-alive socket).
+    """The blocking twin of ``AsyncClient`` (standard library only, kept-alive sockets).
 
-    Threads may share one: their requests take turns on the socket.
+    Threads may share one: each request in flight has a socket of its own (a thread's long
+    ``wait`` holds up nobody else's submit), and up to ``MAX_IDLE`` stay open between them.
     """
+
+    MAX_IDLE = 8
 
     def __init__(
         self, base_url: str = DEFAULT_URL, *, timeout_s: float = 60.0, token: str | None = None
@@ -289,9 +303,10 @@ class Client:
         self._parts = parts
         self._timeout = timeout_s
         self._auth = _bearer(token)
-        self._conn: http.client.HTTPConnection | None = None
-        # One request at a time on the one socket: http.client sends a second request
-        # before the first is answered otherwise, or hands one thread another's answer.
+        # Sockets not in use. One request at a time on each: http.client sends a second
+        # request before the first is answered otherwise, or hands one thread another's
+        # answer. The lock guards the list only, never a request.
+        self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
     def __enter__(self) -> Client:
@@ -301,28 +316,40 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Close the idle sockets (one in use closes as its request ends, or is kept)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
-    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = (
-                http.client.HTTPSConnection
-                if self._parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
-            self._conn = cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
-        sock = self._conn.sock
-        if sock is not None and _closed_by_peer(sock):
-            # An idle kept-alive socket has nothing to read unless the gateway closed it:
-            # start a new one rather than send a request into a closed one.
-            self.close()
-            return self._connection(timeout_s)
-        self._conn.timeout = timeout_s
-        if sock is not None:
-            sock.settimeout(timeout_s)
-        return self._conn
+    def _take_connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                cls = (
+                    http.client.HTTPSConnection
+                    if self._parts.scheme == "https"
+                    else http.client.HTTPConnection
+                )
+                return cls(self._parts.hostname or "", self._parts.port, timeout=timeout_s)
+            sock = conn.sock
+            if sock is not None and _closed_by_peer(sock):
+                # An idle kept-alive socket has nothing to read unless the gateway closed
+                # it: take another rather than send a request into a closed one.
+                conn.close()
+                continue
+            conn.timeout = timeout_s
+            if sock is not None:
+                sock.settimeout(timeout_s)
+            return conn
+
+    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self.MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _request(
         self,
@@ -341,23 +368,26 @@ class Client:
         # twice does no harm: a POST may have been stored before the answer was lost, and
         # only its Idempotency-Key makes a second one safe.
         tries = 2 if method in ("GET", "DELETE") or "Idempotency-Key" in headers else 1
-        with self._lock:
-            for attempt in range(1, tries + 1):
-                conn = self._connection(timeout_s or self._timeout)
-                try:
-                    conn.request(method, prefix + path, body=data, headers=headers)
-                    resp = conn.getresponse()
-                    raw = resp.read()
-                except _CUT_OFF as exc:
-                    self.close()
-                    if attempt == tries:
-                        raise _transport_error(method, path, exc) from exc
-                    continue
-                except (OSError, http.client.HTTPException) as exc:
-                    # Not an HTTP answer at all (a garbled status line, say): no resend.
-                    self.close()
+        for attempt in range(1, tries + 1):
+            conn = self._take_connection(timeout_s or self._timeout)
+            try:
+                conn.request(method, prefix + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except _CUT_OFF as exc:
+                conn.close()
+                if attempt == tries:
                     raise _transport_error(method, path, exc) from exc
-                return _decode(resp.status, raw)
+                continue
+            except (OSError, http.client.HTTPException) as exc:
+                # Not an HTTP answer at all (a garbled status line, say): no resend.
+                conn.close()
+                raise _transport_error(method, path, exc) from exc
+            except BaseException:
+                conn.close()  # interrupted mid-request: the socket is in no state to reuse
+                raise
+            self._give_back(conn)
+            return _decode(resp.status, raw)
         raise AssertionError("unreachable")
 
     def submit(
@@ -405,7 +435,8 @@ class Client:
         while True:
             path, step = waiting.next_request()
             try:
-                job = _job(self._request("GET", path, timeout_s=step + self._timeout))
+                timeout_s = waiting.request_timeout_s(step, self._timeout)
+                job = _job(self._request("GET", path, timeout_s=timeout_s))
             except errors.InvalidParameter as refused:
                 waiting.shorten(refused)
                 continue

@@ -11,6 +11,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -131,6 +132,12 @@ def test_cli_submit_wait_prints_the_result(gateway_url: str) -> None:
     assert out.returncode == 0, out.stderr
     record = json.loads(out.stdout)
     assert record["state"] == "succeeded" and record["result"] == [1, 2]
+    # The id is said before the wait: a wait cut short leaves the job running.
+    assert f"submitted {record['id']}" in out.stderr
+    # A task's arguments may come after an option, as they would with any command.
+    late = _cli(gateway_url, "submit", "io.echo", "--wait", "7")
+    assert late.returncode == 0, late.stderr
+    assert json.loads(late.stdout)["result"] == 7
     got = _cli(gateway_url, "get", record["id"])
     assert json.loads(got.stdout)["id"] == record["id"]
 
@@ -177,8 +184,7 @@ def test_a_gateway_500_is_not_a_client_side_error() -> None:
 
 
 def test_threads_may_share_a_sync_client(gateway_url: str) -> None:
-    """Requests from several threads take turns on the client's one socket, and each
-    thread gets its own answer."""
+    """Requests from several threads at once each get their own answer."""
     with Client(gateway_url) as client:
         jobs = [client.submit("io.echo", i) for i in range(4)]
         problems: list[BaseException] = []
@@ -276,6 +282,62 @@ class _Hangup:
         self.sock.close()
 
 
+def test_a_threads_long_wait_holds_up_no_other_threads_request(gateway_url: str) -> None:
+    """Threads sharing a ``Client``: one long-polling a job that runs on does not make
+    another's submit wait for that poll to be answered (each request has its own socket)."""
+    polling = threading.Event()
+
+    class Watched(Client):
+        def _request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+            if "wait=" in path:
+                polling.set()
+            return super()._request(method, path, *args, **kwargs)
+
+    with Watched(gateway_url) as client:
+        held = client.submit("io.sleep", 30)
+        waited: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                client.wait(held.id, timeout_s=4)
+            except BaseException as exc:  # the WaitTimeout it ends with
+                waited.append(exc)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        try:
+            assert polling.wait(30)
+            job = client.submit("io.echo", "meanwhile")
+            # Answered while the other thread's poll is still held by the gateway.
+            assert waiter.is_alive() and not waited
+            assert client.wait(job.id, timeout_s=30).result == "meanwhile"
+        finally:
+            waiter.join(30)
+            client.cancel(held.id)
+        assert len(waited) == 1 and isinstance(waited[0], errors.WaitTimeout), waited
+
+
+async def test_a_gateway_that_never_answers_fails_a_wait_soon_after_its_timeout() -> None:
+    """A wait's long-polls are bounded by the wait's own deadline (plus a little), not by
+    the deadline plus the client's whole timeout; and the error says what happened."""
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        with Client(url, timeout_s=60) as client, pytest.raises(errors.TransportError):
+            await asyncio.to_thread(client.wait, "01ARZ3NDEKTSV4RRFFQ69G5FAV", 0.5)
+        assert loop.time() - started < 10
+        started = loop.time()
+        async with AsyncClient(url, timeout_s=60) as aclient:
+            with pytest.raises(errors.TransportError, match="TimeoutError") as caught:
+                await aclient.wait("01ARZ3NDEKTSV4RRFFQ69G5FAV", timeout_s=0.5)
+        assert loop.time() - started < 10
+        assert not caught.value.message.endswith(": "), caught.value.message
+    finally:
+        silent.close()
+
+
 def test_the_sync_client_resends_only_what_is_safe_to_send_twice() -> None:
     """A connection lost before the answer: a GET or DELETE is sent once more, a submit
     only with an Idempotency-Key (without one it may have been stored: a second send
@@ -354,15 +416,15 @@ def test_the_sync_client_reconnects_when_the_gateway_closed_its_idle_socket(
     (which, without a key, is not sent twice): a new connection carries it."""
     with Client(gateway_url) as client:
         client.tasks()
-        conn = client._conn
-        assert conn is not None and conn.sock is not None
+        [conn] = client._idle
+        assert conn.sock is not None
         # The gateway's end closing the socket looks, to the client, like its end reading
         # EOF: shut the client's read side down to get there without waiting for a timeout.
         conn.sock.shutdown(socket.SHUT_RD)
         mark = ids.new_id()  # this test's job among the module's
         job = client.submit("io.echo", mark)
         assert client.wait(job.id, timeout_s=30).result == mark
-        assert client._conn is not conn
+        assert conn not in client._idle
         # Sent once: a request into the closed socket, then again, would have made two.
         with urllib.request.urlopen(f"{gateway_url}/v1/jobs?task=io.echo&limit=100") as resp:
             listed = json.loads(resp.read())["jobs"]
