@@ -66,8 +66,14 @@ class JobRunner:
             return JobState.FAILED
         try:
             value = await self._call(spec, job)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise  # cancelled from outside: the job's cancel, or the worker stopping
+            # Raised by the task itself (a library's own cancel leaking out, say): left to
+            # propagate, it would leave the job running until its lease ran out, again and
+            # again until it went dead. It fails with its own error, as any other.
+            return await self._failed(job, error_of(exc), raised=exc)
         except TimeLimitExceeded as exc:
             return await self._failed(job, JobError("TimeLimitExceeded", str(exc)))
         except Exception as exc:

@@ -60,6 +60,12 @@ async def too_deep() -> list[Any]:
     return value
 
 
+@task("test.raises_cancelled", kind="io")
+async def raises_cancelled() -> None:
+    """Raise CancelledError itself, as a library's own cancel leaking out would."""
+    raise asyncio.CancelledError("the task's own")
+
+
 @task("test.not_a_number", kind="io")
 async def not_a_number() -> float:
     """Return what Python's json writes as NaN, which is not JSON."""

@@ -99,6 +99,14 @@ async def test_an_unserialisable_result_fails_clearly(gateway: Gateway, task: st
     assert "result" not in done or done["result"] is None
 
 
+async def test_a_task_raising_cancelled_error_itself_fails_with_it(gateway: Gateway) -> None:
+    """Only a cancel from outside (the job's, a stopping worker's) is a cancel: a task that
+    raises CancelledError fails with it, rather than staying running until redelivered."""
+    done = await gateway.wait((await gateway.submit("test.raises_cancelled"))["id"])
+    assert done["state"] == "failed", done
+    assert done["error"] == {"type": "CancelledError", "message": "the task's own"}
+
+
 async def test_wait_returns_when_the_job_finishes(gateway: Gateway) -> None:
     """?wait holds the request until the job is terminal, not until the wait runs out."""
     job = await gateway.submit("io.sleep", 0.3)
