@@ -170,6 +170,14 @@ def dask_gate(ctx: TaskContext) -> int:
     return _gate(ctx)
 
 
+@task("test.dask_stubborn", kind="heavy", engine="dask")
+def dask_stubborn(seconds: float, ctx: TaskContext) -> int:
+    """Record "attempt:pid" and block ``seconds``, never looking at ``ctx.cancelled()``."""
+    _sync_redis().rpush(f"test:started:{ctx.job_id}", f"{ctx.attempt}:{os.getpid()}")
+    time.sleep(seconds)  # sleep-ok: the point of the task: a Dask task that ignores ctx
+    return ctx.attempt
+
+
 @task("test.dask_boom", kind="heavy", engine="dask")
 def dask_boom(message: str) -> None:
     """Raise a LookupError inside a Dask task."""

@@ -742,6 +742,22 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
     assert saw is not None and saw[1] == "True"
 
 
+async def test_a_dask_job_that_ignores_its_time_limit_has_its_worker_restarted(
+    heavy_gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """A Dask task that never looks at ctx.cancelled() would hold its one-thread worker
+    for good: past its time limit and a grace, that worker process is restarted."""
+    job = await heavy_gateway.submit("test.dask_stubborn", 120, timeout_s=0.5)
+    started = await redis.blpop([f"test:started:{job['id']}"], timeout=60)
+    assert started is not None
+    done = await heavy_gateway.wait(job["id"], 30)
+    assert done["state"] == "failed" and done["error"]["type"] == "TimeLimitExceeded", done
+    await wait_gone(int(started[1].split(":")[1]))
+    # The cluster goes on: the restarted worker takes jobs again.
+    after = await heavy_gateway.submit("test.dask_boom", "after")
+    assert (await heavy_gateway.wait(after["id"], 60))["state"] == "failed"
+
+
 @pytest.mark.parametrize(("engine", "queue"), [("ray", "heavy"), ("dask", "dask")])
 async def test_a_taken_over_jobs_time_limit_starts_with_its_new_attempt(
     heavy_gateway: Gateway, redis: aioredis.Redis, engine: str, queue: str

@@ -290,9 +290,7 @@ class ClusterEngine:
             if not waiting.done():
                 done, _ = await asyncio.wait((waiting,), timeout=limit + TIME_LIMIT_GRACE_S)
                 if not done:
-                    # Sync Python cannot be stopped from outside on its own thread: Ray
-                    # kills the worker process; Dask's task sees ``ctx.cancelled()``.
-                    self._interrupt(handle, running=True)
+                    self._stop_overdue(handle)
                     raise CouldNotRun(
                         JobError(
                             "TimeLimitExceeded", f"{job.task} ran past its {limit:g} s time limit"
@@ -435,6 +433,12 @@ class ClusterEngine:
 
     def _interrupt(self, handle: Any, running: bool) -> None:
         raise NotImplementedError
+
+    def _stop_overdue(self, handle: Any) -> None:
+        """Stop a job's task past its time limit. Sync Python cannot be stopped from outside
+        on its own thread: Ray kills the worker process; Dask's task sees ``ctx.cancelled()``
+        first, and its worker is restarted if it goes on."""
+        self._interrupt(handle, running=True)
 
     def _alive(self) -> bool:
         """Whether the connection made by ``_connect`` still serves."""

@@ -33,6 +33,10 @@ from tasks import TaskSpec
 log = logging.getLogger("corefleet.dask")
 
 DASK_DASHBOARD = "127.0.0.1:8787"
+#: How long a Dask task past its time limit has to return by itself once ``ctx.cancelled()``
+#: says so, before its worker process is restarted (Dask cannot stop a thread; a worker
+#: left running it would take no other job until it ended, if ever).
+STOP_GRACE_S = 5.0
 
 
 class SchedulerLost(Exception):
@@ -58,6 +62,7 @@ class DaskEngine(ClusterEngine):
         self._client: Any = None
         self._cluster: Any = None
         self._cancels: set[asyncio.Task[Any]] = set()
+        self._stops: set[asyncio.Task[None]] = set()
 
     async def _connect(self) -> None:
         from distributed import Client, LocalCluster
@@ -87,6 +92,8 @@ class DaskEngine(ClusterEngine):
                 self.dashboard = str(self._client.dashboard_link)
 
     async def _disconnect(self) -> None:
+        for stop in list(self._stops):  # best effort: the worker goes with the cluster, or
+            stop.cancel()  # the task ends by itself
         for task in list(self._cancels):
             with contextlib.suppress(Exception):
                 await task
@@ -159,12 +166,43 @@ class DaskEngine(ClusterEngine):
         # The client gives up and closes after failing to reconnect for its timeout.
         return self._client is not None and self._client.status not in ("closing", "closed")
 
+    def _stop_overdue(self, handle: Any) -> None:
+        stop = asyncio.ensure_future(self._stop_past_limit(handle))
+        self._stops.add(stop)
+        stop.add_done_callback(self._stops.discard)
+
+    async def _stop_past_limit(self, handle: Any) -> None:
+        """Cancel the task (``ctx.cancelled()`` turns true); if its worker still runs it
+        after ``STOP_GRACE_S``, restart that worker (through its nanny)."""
+        key = handle.key
+        try:
+            processing = await self._client.processing()
+            holders = [worker for worker, keys in processing.items() if key in keys]
+            await self._client.cancel([handle], force=True)
+            if not holders:
+                return  # it had not started: cancelled, it never will
+            await asyncio.sleep(STOP_GRACE_S)
+            runs = await self._client.run(_still_runs, key, workers=holders, on_error="ignore")
+            stuck = [worker for worker, still in runs.items() if still is True]
+            if stuck:
+                log.warning("%s ran on past its time limit; restarting worker %s", key, stuck)
+                await self._client.restart_workers(stuck, raise_for_error=False)
+        except Exception as exc:  # best effort: the job has failed either way
+            log.warning("could not stop %s past its time limit: %s", key, exc)
+
     def _interrupt(self, handle: Any, running: bool) -> None:
         # Frees a queued task; a running one finishes in its thread (see the module doc).
         # Forced: the task is wanted by fire_and_forget too.
         task = asyncio.ensure_future(self._client.cancel([handle], force=True))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
+
+
+def _still_runs(key: str, dask_worker: Any) -> bool:
+    """On a Dask worker (by ``Client.run``): whether a thread of it still runs ``key``,
+    released by the scheduler or not."""
+    task = dask_worker.state.tasks.get(key)
+    return task is not None and task.state in ("executing", "long-running", "cancelled")
 
 
 def _key(job: Job) -> str:
