@@ -24,7 +24,7 @@ from service.errors import (
     UnknownTask,
 )
 from service.jobs import MAX_NESTING, Job, iso, nests_too_deep
-from service.store import JobStore, Once
+from service.store import Dispatch, JobStore, Once
 from service.webhooks import check_webhook
 from tasks import (
     DEFAULT_PRIORITY,
@@ -206,30 +206,43 @@ class Submitter:
             try:
                 jobs.append(self.prepare(body))
             except CorefleetError as exc:
-                exc.message = f"jobs[{index}]: {exc.message}"
-                exc.detail = {**exc.detail, "index": index}
-                raise
-        await self.enqueue(jobs)
+                raise _refused_at(exc, index) from None
+        await self.enqueue(jobs, batch=True)
         return jobs
 
-    async def enqueue(self, jobs: list[Job], idempotency_key: str | None = None) -> Job | None:
-        """Store and queue prepared jobs, all or none.
+    async def enqueue(
+        self, jobs: list[Job], idempotency_key: str | None = None, *, batch: bool = False
+    ) -> Job | None:
+        """Store and queue prepared jobs, all or none. In a ``batch``, a job refused here
+        (its engine away, no worker for it) says which it was, as ``submit_many`` does.
 
         With ``idempotency_key`` (one job): if the key already stands for a job submitted
         with the same request, nothing is stored and that job (as it is now) is returned;
         a different request under the same key is refused with ``IdempotencyKeyReused``.
         """
         once = None if idempotency_key is None else Once(idempotency_key, jobs[0].fingerprint)
+        index = {job.id: i for i, job in enumerate(jobs)} if batch else {}
+
+        def refused(job: Job, exc: CorefleetError) -> CorefleetError:
+            return _refused_at(exc, index[job.id]) if batch else exc
+
+        def dispatch(job: Job) -> Dispatch:
+            try:
+                return self.engines[job.engine].dispatch(job)
+            except CorefleetError as exc:
+                raise refused(job, exc) from None
+
         # A resend is answered with its job even when the job could not be queued now (no
         # worker, an engine away): it was queued then. ``create`` checks again, atomically.
         earlier = await self.store.earlier(once) if once is not None else None
         if earlier is None:
             for job in jobs:
                 if job.options.get("require_worker"):
-                    await self._require_worker(job)
-            earlier = await self.store.create(
-                jobs, lambda job: self.engines[job.engine].dispatch(job), once
-            )
+                    try:
+                        await self._require_worker(job)
+                    except CorefleetError as exc:
+                        raise refused(job, exc) from None
+            earlier = await self.store.create(jobs, dispatch, once)
         if earlier is None:
             return None
         assert once is not None
@@ -240,6 +253,14 @@ class Submitter:
                 {"id": earlier.job.id},
             )
         return earlier.job
+
+
+def _refused_at(exc: CorefleetError, index: int) -> CorefleetError:
+    """``exc`` as the refusal of job ``index`` of a batch: ``jobs[i]`` in its message,
+    ``index`` in its detail."""
+    exc.message = f"jobs[{index}]: {exc.message}"
+    exc.detail = {**exc.detail, "index": index}
+    return exc
 
 
 def _check_queue(registry: Registry, spec: TaskSpec, queue: str) -> None:

@@ -310,6 +310,26 @@ async def test_a_bad_batch_stores_none_of_its_jobs(gateway: Gateway, redis: aior
     assert await _keys(redis) == before
 
 
+async def test_a_batch_job_refused_as_it_is_queued_says_which_it_was(
+    gateway: Gateway, redis: aioredis.Redis
+) -> None:
+    """Refusals that come as the batch is stored (a resource amount Ray cannot count, an
+    engine away, no worker) name their job too, as the checks before do."""
+    before = await _keys(redis)
+    tiny = {"resources": {"num_cpus": 0.00005}}
+    body = {
+        "jobs": [
+            {"task": "io.echo", "args": [1]},
+            {"task": "heavy.pi", "args": [10], "options": tiny},
+        ]
+    }
+    status, reply = await gateway.call("POST", "/v1/jobs/batch", json=body)
+    assert status == 400, reply
+    assert reply["error"]["detail"]["index"] == 1, reply
+    assert reply["error"]["message"].startswith("jobs[1]: "), reply
+    assert await _keys(redis) == before
+
+
 async def test_a_batch_with_fields_beside_its_jobs_is_refused(
     gateway: Gateway, redis: aioredis.Redis
 ) -> None:
@@ -428,3 +448,32 @@ async def test_a_producer_refuses_what_the_gateway_would_and_stores_nothing(
         with pytest.raises(errors.InvalidArguments, match="JSON values"):
             await producer.submit("io.echo", *args)
     assert await _keys(redis) == before
+
+
+async def test_a_producer_refuses_jobs_of_an_engine_that_does_not_answer(
+    redis_server: Any, redis: aioredis.Redis
+) -> None:
+    """As a gateway does: a Dask address nothing answers at makes Dask jobs an
+    ``EngineUnavailable``, rather than jobs stored for a cluster that is not there."""
+    from clients.producer import AsyncProducer
+    from service import errors
+    from tests.procs import free_port
+
+    base = Settings.from_env({"COREFLEET_TASK_MODULES": "tests.fleet_tasks"})
+    away = replace(base.engines, dask_address=f"tcp://127.0.0.1:{free_port()}")
+    async with AsyncProducer(redis_server.url, settings=replace(base, engines=away)) as producer:
+        with pytest.raises(errors.EngineUnavailable, match="unreachable"):
+            await producer.submit("heavy.array_stats", 10, 5)
+        assert (await producer.submit("io.echo", "still")).state.value == "queued"
+    assert len(await redis.keys("cf:job:*")) == 1
+
+
+async def test_a_blocking_producer_works_where_an_event_loop_runs(redis_server: Any) -> None:
+    """``Producer`` is called from code that runs an event loop (a notebook, an async
+    framework's sync hook): it has its own loop, on its own thread."""
+    from clients.producer import Producer
+
+    with Producer(redis_server.url) as producer:
+        job = producer.submit("io.echo", "from a running loop")
+        got = producer.get(job.id)
+    assert got is not None and got.args == ["from a running loop"]
