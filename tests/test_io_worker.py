@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -12,7 +14,7 @@ import redis.asyncio as aioredis
 from service import keys
 from service.engines.asyncio_ import StreamConsumer, ensure_group, leave_group
 from service.settings import IoWorkerSettings, Settings
-from tests.conftest import Gateway, wait_state
+from tests.conftest import Gateway, start_gateway, wait_state
 from tests.procs import Proc, env_with
 
 
@@ -261,3 +263,56 @@ async def test_what_a_worker_killed_outright_said_is_forgotten(
     assert await redis.smembers("cf:known-queues:io") == {"backlog"}
     left = set(await redis.hkeys("cf:worker-info"))  # the gateway's own dispatchers are live
     assert not left & {"killed-1", "killed-2", "older-format"}, left
+
+
+async def test_a_consumer_whose_lease_was_taken_over_leaves_the_entry_alone(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A worker silent past its lease (a stalled loop, Redis away) finds its entry taken
+    over by another: it neither claims the entry back as it renews its leases, nor deletes
+    it when its own attempt ends. The entry is the other's, whose attempt runs now."""
+    server, session = await start_gateway(replace(settings, io=replace(settings.io, lease_s=1.0)))
+    gateway = Gateway(server, session)
+    stream = keys.stream("io")
+    renewing: asyncio.Task[None] | None = None
+    try:
+        job = await gateway.submit("test.io_gate")
+        await wait_state(redis, job["id"], "running")
+        [pending] = await redis.xpending_range(stream, keys.IO_GROUP, "-", "+", 10)
+        entry, holder = pending["message_id"], pending["consumer"]
+        # Taken over, as another worker's reclaim would after the lease; that worker is
+        # alive, and renews its lease as the holder renews its own.
+
+        async def another_worker() -> None:
+            while True:
+                await redis.xclaim(stream, keys.IO_GROUP, "another-worker", 0, [entry], justid=True)
+                await asyncio.sleep(0.2)  # sleep-ok: a live consumer's lease renewal period
+
+        renewing = asyncio.create_task(another_worker())
+
+        async def check_in_after(seen: float) -> dict[str, Any]:
+            """The holder's first check-in after ``seen`` (its leases are renewed next)."""
+            async with asyncio.timeout(30):
+                while True:
+                    info = json.loads(await redis.hget(keys.WORKER_INFO, holder) or "{}")
+                    if info.get("seen", 0) > seen:
+                        return dict(info)
+                    await asyncio.sleep(0.05)  # sleep-ok: polling another loop's check-in
+
+        # Two check-ins on, the holder has renewed its leases in between.
+        await check_in_after((await check_in_after(0))["seen"])
+        [still] = await redis.xpending_range(stream, keys.IO_GROUP, "-", "+", 10)
+        assert still["consumer"] == "another-worker"
+        # Its attempt ends (nobody began another): the entry stays for the one holding it.
+        await redis.rpush(f"test:release:{job['id']}", "go")
+        assert await wait_state(redis, job["id"], "succeeded", "failed") == "succeeded"
+        info = await check_in_after(0)
+        while info["running"]:  # it let go of the job, and tried to acknowledge its entry
+            info = await check_in_after(info["seen"])
+        await check_in_after(info["seen"])
+        assert await redis.xrange(stream, entry, entry), "the holder deleted another's entry"
+    finally:
+        if renewing is not None:
+            renewing.cancel()
+        await session.close()
+        await server.close()

@@ -190,7 +190,8 @@ class StreamConsumer:
         self._draining = False
         self._rechecks: set[asyncio.Task[None]] = set()
         self._batch = Batcher(
-            redis, {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("ack", "take")}
+            redis,
+            {name: (LUA_DIR / f"{name}.lua").read_text() for name in ("ack", "renew", "take")},
         )
 
     def is_cancelled(self, job_id: str) -> bool:
@@ -364,7 +365,7 @@ class StreamConsumer:
 
     async def _ack(self, stream: str, entry_id: str) -> None:
         try:
-            await self._batch.script("ack", [stream], [keys.IO_GROUP, entry_id])
+            await self._batch.script("ack", [stream], [keys.IO_GROUP, entry_id, self.name])
         except _REDIS_DOWN as exc:
             # The entry stays pending; whoever claims it finds the job finished and acks.
             log.warning("could not acknowledge %s (%s)", entry_id, exc)
@@ -440,7 +441,8 @@ class StreamConsumer:
         for stream, entry_id in held + [(s, e) for s, e, _fields in self._parked]:
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
-            await self.redis.xclaim(stream, keys.IO_GROUP, self.name, 0, ids, justid=True)
+            # Only the entries still this consumer's (see renew.lua).
+            await self._batch.script("renew", [stream], [keys.IO_GROUP, self.name, *ids])
 
     async def _reclaim(self) -> None:
         min_idle = int(self.settings.lease_s * 1000)
