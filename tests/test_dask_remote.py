@@ -84,7 +84,7 @@ class RemoteDask:
             proc.wait(30)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # each test leaves it running (a killed one started again)
 def remote_dask(redis_server: RedisServer) -> Iterator[RemoteDask]:
     dask = RemoteDask(redis_server.url)
     dask.start_scheduler()

@@ -24,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from service import ids, keys, presence
+from service.engines import dask_
 from service.engines.cluster import DISPATCH_CONCURRENCY, ClusterEngine, ray_options
 from service.engines.ray_ import RayEngine, start_ray
 from service.engines.ray_dispatcher import (
@@ -743,10 +744,11 @@ async def test_a_dask_job_past_its_time_limit_fails_and_sees_ctx_cancelled(
 
 
 async def test_a_dask_job_that_ignores_its_time_limit_has_its_worker_restarted(
-    heavy_gateway: Gateway, redis: aioredis.Redis
+    heavy_gateway: Gateway, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Dask task that never looks at ctx.cancelled() would hold its one-thread worker
     for good: past its time limit and a grace, that worker process is restarted."""
+    monkeypatch.setattr(dask_, "STOP_GRACE_S", 1.0)  # the gateway runs in this process
     job = await heavy_gateway.submit("test.dask_stubborn", 120, timeout_s=0.5)
     started = await redis.blpop([f"test:started:{job['id']}"], timeout=60)
     assert started is not None
